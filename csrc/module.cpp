@@ -1,0 +1,27 @@
+// vicl_fast._C: the Python module object and the schemas of every op.
+//
+// Ops are registered with the dispatcher (TORCH_LIBRARY) so that
+// torch.ops.vicl_fast.<op> picks the CPU or CUDA kernel from the input's
+// device; implementations live beside their algorithm (csrc/lsa/, ...).
+// Fake (meta) implementations for torch.compile are registered in Python
+// (vicl_fast/ops/*.py, torch.library.register_fake).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing vicl_fast._C runs the static initialisers below, which register
+// the ops; the module itself carries no Python functions.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(vicl_fast, m) {
+  // Batched exact linear sum assignment (see docs/design.md, "Solver").
+  //   cost: (B, N, M) float16/bfloat16/float32/float64, any strides.
+  //   row_ind, col_ind: (B, min(N, M)) int64, SciPy's semantics, -1 where the
+  //   matrix failed; status: (B,) int32, 0 ok, 1 invalid entry (NaN or the
+  //   infinity of the wrong sign), 2 infeasible.
+  m.def("linear_sum_assignment(Tensor cost, bool maximize) -> (Tensor row_ind, Tensor col_ind, Tensor status)");
+}
