@@ -1,0 +1,250 @@
+"""Exact batched linear sum assignment (SciPy semantics) and RandP's matching permutation.
+
+Backends, in order of preference (``VICL_FAST_LSA_BACKEND=auto|compiled|scipy`` forces one):
+
+* ``compiled``: ``torch.ops.vicl_fast.linear_sum_assignment``, the C++ kernel
+  (csrc/lsa/lsa_cpu.cpp, the batch spread over ``torch.get_num_threads()``
+  threads) or the CUDA kernel (csrc/lsa/lsa_cuda.cu), picked by the
+  dispatcher from the input's device. Both run the algorithm of
+  docs/design.md ("Solver"), so their answers are identical. A CUDA input on
+  a build without the CUDA kernel is solved on the CPU and copied back (a
+  host round trip; the result is the same).
+* ``scipy``: :func:`scipy.optimize.linear_sum_assignment` per matrix over a
+  thread pool (SciPy releases the GIL), with the same validation and status
+  codes. Its tie policy differs, so on ties it may pick another optimal
+  matching (same total cost).
+
+Costs are read as float32 (float16/bfloat16/float32 input) or float64
+(float64 input); the answer is exactly optimal for those upcast costs (duals
+and path lengths in float64). ``+inf`` marks a forbidden pair; NaN and
+``-inf`` are errors (with ``maximize=True`` the sign of the infinities flips).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from vicl_fast import _ext
+
+__all__ = ["linear_sum_assignment", "matching_permutation", "lsa_backend"]
+
+_OP_NAME = "linear_sum_assignment"
+_BACKEND_ENV = "VICL_FAST_LSA_BACKEND"
+
+# Status codes of the op (docs/design.md).
+STATUS_OK, STATUS_INVALID, STATUS_INFEASIBLE = 0, 1, 2
+
+
+def _op_available() -> bool:
+    return _ext.extension_loaded() and (_ext.has_kernel(_OP_NAME, "CPU") or _ext.has_kernel(_OP_NAME, "CUDA"))
+
+
+if _ext.extension_loaded():
+    try:
+        @torch.library.register_fake(f"vicl_fast::{_OP_NAME}")
+        def _lsa_fake(cost: torch.Tensor, maximize: bool):
+            b, n, m = cost.shape
+            k = torch.sym_min(n, m)
+            rows = cost.new_empty((b, k), dtype=torch.int64)
+            cols = cost.new_empty((b, k), dtype=torch.int64)
+            status = cost.new_empty((b,), dtype=torch.int32)
+            return rows, cols, status
+    except RuntimeError:  # schema missing (stale build) or fake already registered
+        pass
+
+
+def lsa_backend(device: torch.device | str = "cpu") -> str:
+    """Name of the backend that :func:`linear_sum_assignment` uses for ``device``.
+
+    One of ``"compiled"`` (the op has a kernel for this device),
+    ``"compiled-cpu-roundtrip"`` (CUDA input solved by the C++ CPU kernel),
+    ``"scipy"`` (SciPy over a thread pool; on CUDA input, via the host).
+    Honours ``VICL_FAST_LSA_BACKEND=auto|compiled|scipy``.
+    """
+    device = torch.device(device)
+    want = os.environ.get(_BACKEND_ENV, "auto").strip().lower() or "auto"
+    if want not in ("auto", "compiled", "scipy"):
+        raise ValueError(f"{_BACKEND_ENV}={want!r}: expected one of auto, compiled, scipy")
+    if want == "scipy":
+        return "scipy"
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    if _ext.has_kernel(_OP_NAME, key):
+        return "compiled"
+    if key == "CUDA" and _ext.has_kernel(_OP_NAME, "CPU"):
+        return "compiled-cpu-roundtrip"
+    if want == "compiled":
+        reason = _ext.available_backends()["cpp"].reason
+        raise RuntimeError(f"{_BACKEND_ENV}=compiled but vicl_fast::{_OP_NAME} has no {key} kernel ({reason}); "
+                           f"rebuild with `pip install -e . --no-build-isolation` or unset {_BACKEND_ENV}")
+    return "scipy"
+
+
+# --------------------------------------------------------------------------- SciPy fallback
+@lru_cache(maxsize=8)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vicl_lsa")
+
+
+def _scipy_one(x: np.ndarray, maximize: bool) -> tuple[int, np.ndarray, np.ndarray]:
+    """Solve one (N, M) matrix with SciPy; returns (status, row_ind, col_ind)."""
+    from scipy.optimize import linear_sum_assignment as scipy_lsa
+
+    bad = np.isnan(x) | (np.isposinf(x) if maximize else np.isneginf(x))
+    if bad.any():
+        return STATUS_INVALID, None, None
+    try:
+        r, c = scipy_lsa(x, maximize=maximize)
+    except ValueError:  # "cost matrix is infeasible"
+        return STATUS_INFEASIBLE, None, None
+    return STATUS_OK, r, c
+
+
+def _scipy_solve(cost: torch.Tensor, maximize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SciPy fallback with the op's contract: cost (B, N, M) -> rows, cols (B, K) int64, status (B,) int32."""
+    b, n, m = cost.shape
+    k = min(n, m)
+    # float64 stays float64; every other float dtype is computed on its exact float32 value,
+    # like the compiled kernels (SciPy then widens to float64, also exactly).
+    host = cost.detach().to("cpu", torch.float64 if cost.dtype == torch.float64 else torch.float32)
+    arr = host.numpy()
+    rows = np.full((b, k), -1, dtype=np.int64)
+    cols = np.full((b, k), -1, dtype=np.int64)
+    status = np.zeros((b,), dtype=np.int32)
+
+    def work(i: int) -> None:
+        st, r, c = _scipy_one(arr[i], maximize)
+        status[i] = st
+        if st == STATUS_OK:
+            rows[i], cols[i] = r, c
+
+    workers = max(1, min(b, torch.get_num_threads()))
+    if workers == 1:
+        for i in range(b):
+            work(i)
+    else:
+        list(_pool(workers).map(work, range(b)))
+    out = (torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(status))
+    return tuple(t.to(cost.device) for t in out)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- dispatch
+def _solve(cost: torch.Tensor, maximize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cost (B, N, M) -> (row_ind (B, K), col_ind (B, K), status (B,)) on cost's device."""
+    backend = lsa_backend(cost.device)
+    cost = cost.detach()  # the matching is piecewise constant: no gradient flows through it
+    if backend == "compiled":
+        return torch.ops.vicl_fast.linear_sum_assignment(cost, bool(maximize))
+    if backend == "compiled-cpu-roundtrip":
+        rows, cols, status = torch.ops.vicl_fast.linear_sum_assignment(cost.cpu(), bool(maximize))
+        return rows.to(cost.device), cols.to(cost.device), status.to(cost.device)
+    return _scipy_solve(cost, maximize)
+
+
+def _check_input(cost: torch.Tensor, name: str = "cost") -> None:
+    if not isinstance(cost, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cost).__name__}")
+    if not cost.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got "
+                        f"{cost.dtype}; convert it with {name}.float()")
+    if cost.dim() not in (2, 3):
+        raise ValueError(f"{name} must be (B, N, M) or (N, M), got shape {tuple(cost.shape)}")
+
+
+def _raise_on_status(status: torch.Tensor, batched: bool, maximize: bool) -> None:
+    bad = torch.nonzero(status.cpu()).flatten()  # the one host sync of check=True
+    if bad.numel() == 0:
+        return
+    b = int(bad[0])
+    st = int(status[b])
+    where = f"cost[{b}]" if batched else "cost"
+    more = f" ({bad.numel()} of {status.numel()} matrices failed)" if batched and bad.numel() > 1 else ""
+    if st == STATUS_INVALID:
+        what = "NaN or +inf (maximize=True)" if maximize else "NaN or -inf"
+        raise ValueError(f"{where} contains {what}{more}; use +inf (-inf with maximize=True) only for "
+                         "forbidden pairs and replace NaN")
+    if st == STATUS_INFEASIBLE:
+        raise ValueError(f"{where} is infeasible: no complete matching avoids its forbidden "
+                         f"({'-inf' if maximize else '+inf'}) entries{more}")
+    raise ValueError(f"{where}: solver returned unknown status {st}")
+
+
+def linear_sum_assignment(cost: torch.Tensor, maximize: bool = False, *,
+                          check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact minimum (or maximum) weight matching of every matrix of a batch.
+
+    Same answer as :func:`scipy.optimize.linear_sum_assignment` applied to each
+    matrix (equal total cost; on ties the indices may differ from SciPy's but
+    are deterministic and identical on CPU and CUDA).
+
+    Args:
+        cost: (B, N, M) or (N, M) float16/bfloat16/float32/float64, any strides,
+            CPU or CUDA. ``+inf`` (``-inf`` when ``maximize``) forbids a pair.
+        maximize: maximise the total instead of minimising it.
+        check: raise ``ValueError`` naming the first failed matrix (NaN, the
+            wrong infinity, or infeasible). ``check=False`` skips that host
+            sync (useful on CUDA and under ``torch.compile``): failed matrices
+            then get -1 in both outputs.
+
+    Returns:
+        ``(row_ind, col_ind)``, int64 on ``cost``'s device, each (B, K) (or
+        (K,) for a 2-D ``cost``), K = min(N, M); ``row_ind`` is ascending and
+        ``cost[b, row_ind[b], col_ind[b]]`` is the optimal assignment.
+
+    Example:
+        >>> c = torch.tensor([[4., 1., 3.], [2., 0., 5.], [3., 2., 2.]])
+        >>> linear_sum_assignment(c)
+        (tensor([0, 1, 2]), tensor([1, 0, 2]))
+    """
+    _check_input(cost)
+    batched = cost.dim() == 3
+    c3 = cost if batched else cost.unsqueeze(0)
+    rows, cols, status = _solve(c3, maximize)
+    if check:
+        _raise_on_status(status, batched, maximize)
+    if not batched:
+        rows, cols = rows[0], cols[0]
+    return rows, cols
+
+
+def matching_permutation(cost: torch.Tensor, maximize: bool = False, *, check: bool = True) -> torch.Tensor:
+    """Permutation aligning prompt tokens (rows) to query tokens (columns), RandP's form.
+
+    Args:
+        cost: (B, P, Q) with P >= Q (or (P, Q)), e.g. ``-cos(prompt_i, query_j)``
+            (or the similarity itself with ``maximize=True``).
+        maximize: maximise the total instead of minimising it.
+        check: as in :func:`linear_sum_assignment`; with ``check=False`` a
+            failed matrix gets -1 everywhere.
+
+    Returns:
+        perm: (B, Q) int64 (or (Q,)), ``perm[b, q]`` = the row (prompt token)
+        matched to column (query token) q; the rows are distinct.
+
+    Example (RandP, tokens (B, P, D) matched to the query's (B, Q, D)):
+        >>> prompt, query = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+        >>> pn, qn = torch.nn.functional.normalize(prompt, dim=-1), torch.nn.functional.normalize(query, dim=-1)
+        >>> perm = matching_permutation(-(pn @ qn.transpose(1, 2)))  # cost (B, P, Q) = -cosine
+        >>> aligned = prompt.gather(1, perm[..., None].expand(-1, -1, prompt.shape[-1]))  # (B, Q, D)
+        >>> aligned.shape
+        torch.Size([2, 6, 8])
+    """
+    _check_input(cost)
+    batched = cost.dim() == 3
+    c3 = cost if batched else cost.unsqueeze(0)
+    b, p, q = c3.shape
+    if p < q:
+        raise ValueError(f"matching_permutation needs cost (B, P, Q) with P >= Q (every query token gets a "
+                         f"prompt token), got P={p} < Q={q}; transpose the cost or use linear_sum_assignment")
+    rows, cols, status = _solve(c3, maximize)
+    if check:
+        _raise_on_status(status, batched, maximize)
+    perm = torch.empty((b, q), dtype=torch.int64, device=c3.device)
+    # Failed matrices have -1 in both outputs: scatter them harmlessly, then blank them.
+    perm.scatter_(1, cols.clamp_min(0), rows)
+    if not check:
+        perm.masked_fill_((status != STATUS_OK)[:, None], -1)
+    return perm if batched else perm[0]
