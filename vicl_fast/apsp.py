@@ -1,0 +1,395 @@
+"""Adaptive Parallel-Sequential Processing (APSP) for Neuroverse3D.
+
+The context set of L (image, label) pairs is cut into n = ceil(L / l) contiguous
+mini-contexts of size l (the last may be smaller). Each mini-context runs
+through the context U-Net in parallel; its per-stage features are summed over
+its contexts into running sums, and the means (sum / L, i.e. the running mean
+weighted by mini-context size of the paper's Algorithm 1) feed the target
+decoder. The result does not depend on l or on the order (up to rounding).
+
+Inference: contexts may live on the CPU; each mini-context is copied to the
+model's device when needed (CUDA: through pinned staging buffers on a side
+stream, one mini-context ahead, so the copy overlaps the compute).
+
+Training, when a graph is recorded (``mode``):
+
+- ``"exact"``: forward every mini-context without a graph and keep only the
+  running sums; the backward pass recomputes each mini-context with a graph and
+  back-propagates its share ``g / L`` of the means' gradient into the
+  parameters and into the target features (the target encoder feeds every
+  mini-context through the Target-to-Context fusion). Exact full-context
+  gradient; peak memory of one mini-context; costs one more context forward.
+- ``"scaled"`` (the paper): mini-contexts in random order, the first n-1 without
+  a graph, the last keeps its graph and its gradient is scaled by n (unbiased:
+  the average over which mini-context is last is the full gradient).
+- ``"full"``: every mini-context keeps its graph (memory grows with L).
+
+The model must provide ``encode_target``, ``target_context``, ``_context_branch``
+and ``decode`` (see :class:`vicl_fast.models.neuroverse3d.Neuroverse3D`).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "apsp_forward", "context_means", "mini_context_chunks", "chunk_order", "auto_mini_context",
+    "free_memory_bytes", "estimate_memory", "ContextStream",
+]
+
+_MODES = ("exact", "scaled", "full")
+
+
+# --------------------------------------------------------------------- chunks
+def mini_context_chunks(L: int, l: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` ranges of size ``l`` covering ``range(L)`` (last one shorter)."""
+    if L < 1:
+        raise ValueError("zero contexts: L must be >= 1")
+    if isinstance(l, bool) or not isinstance(l, int) or l < 1:
+        raise ValueError(f"mini-context size l must be a positive int, None or 'auto', got {l!r}")
+    return [(a, min(a + l, L)) for a in range(0, L, l)]
+
+
+def chunk_order(n: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+                order: Sequence[int] | None = None) -> list[int]:
+    """Processing order of the n mini-contexts: ``order`` if given, a random one if ``shuffle``, else 0..n-1."""
+    if order is not None:
+        order = [int(i) for i in order]
+        if sorted(order) != list(range(n)):
+            raise ValueError(f"order must be a permutation of range({n}), got {order}")
+        return order
+    if shuffle:
+        return torch.randperm(n, generator=generator).tolist()
+    return list(range(n))
+
+
+def resolve_mini_context(model, l: int | str | None, target: torch.Tensor, context_in: torch.Tensor,
+                         *, training: bool = False) -> int:
+    """Mini-context size from ``l``: None -> L, ``"auto"`` -> :func:`auto_mini_context`, int -> min(l, L)."""
+    L = context_in.shape[1]
+    if l is None:
+        return L
+    if isinstance(l, str):
+        if l != "auto":
+            raise ValueError(f"l must be an int, None or 'auto', got {l!r}")
+        return auto_mini_context(model, target, context_in, training=training)
+    if isinstance(l, bool) or not isinstance(l, int) or l < 1:
+        raise ValueError(f"mini-context size l must be a positive int, None or 'auto', got {l!r}")
+    return min(l, L)
+
+
+# --------------------------------------------------------------- free memory
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory available for new tensors on ``device``.
+
+    CUDA: free device memory (``cudaMemGetInfo``) plus what PyTorch's caching
+    allocator holds but does not use. CPU: ``MemAvailable`` of /proc/meminfo
+    (what the kernel can give without swapping), else physical pages free.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
+        return 8 << 30
+
+
+def _elem_bytes(model, target: torch.Tensor) -> int:
+    dev = target.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.finfo(torch.get_autocast_dtype(dev)).bits // 8
+    p = next(model.parameters())
+    return max(p.element_size(), 2)
+
+
+def estimate_memory(model, spatial: Sequence[int], batch: int = 1, *, training: bool = False,
+                    elem_bytes: int = 4) -> tuple[int, int]:
+    """Estimated bytes ``(fixed, per_context)`` of one forward (heuristic, for ``l="auto"``).
+
+    With S_k = C_k x voxels_k summed over stages (``sigma``) and S_0 the full-resolution level:
+    inference holds per context its encoder skips and returned features
+    (~2 sigma) plus ~4 full-resolution working buffers; training with a graph
+    keeps ~16 sigma per context (every conv input, GELU input and fusion
+    input). Fixed: target features, ``W_t t``, running sums, decoder buffers
+    (~8 sigma) and the parameters (x4 when training: grads, Adam moments).
+    The constants were checked against measured peaks (benchmarks/RESULTS.md).
+    """
+    C = model.channels
+    V = [math.prod(s // 2 ** k for s in spatial) for k in range(len(C))]
+    sigma = sum(c * v for c, v in zip(C, V)) * batch
+    top = C[0] * V[0] * batch
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    if training:
+        per = 16 * sigma * elem_bytes
+        fixed = 24 * sigma * elem_bytes + 4 * params
+    else:
+        per = (2 * sigma + 4 * top) * elem_bytes
+        fixed = 8 * sigma * elem_bytes + params
+    return int(fixed), int(per)
+
+
+def auto_mini_context(model, target: torch.Tensor, context_in: torch.Tensor, *, training: bool = False,
+                      safety: float = 0.8) -> int:
+    """Largest l in [1, L] whose :func:`estimate_memory` fits ``safety`` x the free memory.
+
+    Device: the model's (CUDA: free device memory; CPU: MemAvailable). Always
+    returns at least 1 (the smallest possible working set).
+    """
+    device = next(model.parameters()).device
+    fixed, per = estimate_memory(model, tuple(target.shape[2:]), target.shape[0], training=training,
+                                 elem_bytes=_elem_bytes(model, target))
+    budget = safety * free_memory_bytes(device) - fixed
+    return int(max(1, min(context_in.shape[1], budget // max(per, 1))))
+
+
+# ------------------------------------------------------------------ streaming
+class ContextStream:
+    """Yields the mini-contexts ``(context_in[:, a:b], context_out[:, a:b])`` on ``device``.
+
+    Same device (or CPU): plain slices. CPU -> CUDA: each mini-context is
+    copied into one of two reusable pinned staging buffers (skipped when the
+    source is already pinned and the slice contiguous), then to the device
+    with ``non_blocking`` on a side stream, one mini-context ahead; the
+    compute stream waits on an event before using it, so the copy of
+    mini-context i+1 overlaps the compute of mini-context i.
+    """
+
+    def __init__(self, context_in: torch.Tensor, context_out: torch.Tensor,
+                 chunks: Sequence[tuple[int, int]], device: torch.device, dtype: torch.dtype | None = None):
+        self.ci, self.co, self.chunks = context_in, context_out, list(chunks)
+        self.device, self.dtype = torch.device(device), dtype
+        self.overlap = (self.device.type == "cuda" and context_in.device.type == "cpu"
+                        and torch.cuda.is_available())
+
+    def _plain(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ci, co = self.ci[:, a:b], self.co[:, a:b]
+        return ci.to(self.device, self.dtype), co.to(self.device, self.dtype)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        if not self.overlap:
+            for a, b in self.chunks:
+                ci, co = self._plain(a, b)
+                yield ci, co, b - a
+            return
+        yield from self._iter_cuda()
+
+    def _iter_cuda(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        side = torch.cuda.Stream(self.device)
+        main = torch.cuda.current_stream(self.device)
+        staging: list[list[torch.Tensor] | None] = [None, None]
+        slot_event: list[torch.cuda.Event | None] = [None, None]
+
+        def stage(i: int):
+            a, b = self.chunks[i]
+            srcs = [self.ci[:, a:b], self.co[:, a:b]]
+            slot = i % 2
+            if not all(s.is_pinned() and s.is_contiguous() for s in srcs):
+                if slot_event[slot] is not None:
+                    slot_event[slot].synchronize()  # the copy that last read this buffer is done
+                buf = staging[slot]
+                if buf is None or any(x.shape != s.shape or x.dtype != s.dtype for x, s in zip(buf, srcs)):
+                    buf = [torch.empty(s.shape, dtype=s.dtype, pin_memory=True) for s in srcs]
+                    staging[slot] = buf
+                for x, s in zip(buf, srcs):
+                    x.copy_(s)
+                srcs = buf
+            with torch.cuda.stream(side):
+                dev = [s.to(self.device, non_blocking=True) for s in srcs]
+                if self.dtype is not None:
+                    dev = [d.to(self.dtype) for d in dev]
+                ev = torch.cuda.Event()
+                ev.record(side)
+            slot_event[slot] = ev
+            return dev, ev, b - a
+
+        pending = stage(0) if self.chunks else None
+        for i in range(len(self.chunks)):
+            dev, ev, size = pending
+            if i + 1 < len(self.chunks):
+                pending = stage(i + 1)
+            main.wait_event(ev)
+            for d in dev:
+                d.record_stream(main)  # allocated on the side stream, used on the main one
+            yield dev[0], dev[1], size
+
+
+# --------------------------------------------------------------- the loops
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _accumulate(model, stream: Iterator, tctx: Sequence[torch.Tensor], fast: bool,
+                sums: list[torch.Tensor] | None = None) -> list[torch.Tensor] | None:
+    """Sum the context features of every mini-context of ``stream`` into ``sums`` (B, C_k, *S_k)."""
+    for ci, co, _ in stream:
+        feats = model._context_branch(ci, co, tctx, fast)
+        if sums is None:
+            sums = [f.sum(1, dtype=_acc_dtype(f)) for f in feats]
+        else:
+            for s, f in zip(sums, feats):
+                s.add_(f.sum(1, dtype=s.dtype))
+        del feats
+    return sums
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by ``n`` (the paper's scaled APSP)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: float) -> torch.Tensor:
+        ctx.n = n
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g * ctx.n, None
+
+
+class _ExactContextMeans(torch.autograd.Function):
+    """Means of the context features over all L contexts, exact gradient, one mini-context of memory.
+
+    forward(runner, n_tctx, *tctx, *params) -> n means (B, C_k, *S_k): no graph kept.
+    backward: recompute each mini-context with a graph and back-propagate ``g / L``.
+    """
+
+    @staticmethod
+    def forward(ctx, runner: "_Runner", n_tctx: int, *inputs: torch.Tensor):
+        tctx = inputs[:n_tctx]
+        dev = runner.device.type
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        with torch.no_grad():
+            sums = _accumulate(runner.model, runner.stream(), tctx, runner.fast)
+        ctx.runner, ctx.n_tctx = runner, n_tctx
+        ctx.save_for_backward(*tctx)
+        return tuple(s.div_(runner.L) for s in sums)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        runner: _Runner = ctx.runner
+        tctx = ctx.saved_tensors
+        params = runner.params
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in tctx]
+        wrt = [x for x in (*leaves, *params) if x.requires_grad]
+        acc: list[torch.Tensor | None] = [None] * len(wrt)
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(runner.device.type, dtype=dtype, enabled=enabled):
+            for ci, co, _ in runner.stream():
+                feats = runner.model._context_branch(ci, co, leaves, runner.fast)
+                # d mean / d feature of one context = 1 / L, broadcast over its L' contexts
+                gouts = [(g / runner.L).to(f.dtype).unsqueeze(1).expand_as(f) for g, f in zip(grads, feats)]
+                got = torch.autograd.grad(feats, wrt, gouts, allow_unused=True)
+                for i, g in enumerate(got):
+                    if g is not None:
+                        acc[i] = g if acc[i] is None else acc[i].add_(g)
+                del feats, got
+        it = iter(acc)
+        out = [next(it) if x.requires_grad else None for x in (*leaves, *params)]
+        return (None, None, *out)
+
+
+class _Runner:
+    """Everything the exact-mode autograd function needs to replay the mini-context loop."""
+
+    def __init__(self, model, context_in, context_out, chunks, fast, device, L):
+        self.model, self.ci, self.co, self.chunks = model, context_in, context_out, chunks
+        self.fast, self.device, self.L = fast, device, L
+        self.params = [p for p in model.context_unet.parameters()]
+
+    def stream(self) -> ContextStream:
+        return ContextStream(self.ci, self.co, self.chunks, self.device)
+
+
+def context_means(model, tctx: Sequence[torch.Tensor], context_in: torch.Tensor, context_out: torch.Tensor,
+                  l: int, *, fast: bool = True, mode: str = "exact", grad: bool | None = None,
+                  shuffle: bool | None = None, generator: torch.Generator | None = None,
+                  order: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """Mean context features over all L contexts, processed l at a time.
+
+    Args:
+        tctx: :meth:`target_context` output (carries the graph to the target encoder).
+        context_in, context_out: (B, L, C, *S), any device.
+        l: mini-context size (int >= 1).
+        mode: "exact" | "scaled" | "full", used only when ``grad``.
+        grad: record a graph (default: ``torch.is_grad_enabled()``).
+        shuffle: random mini-context order (default: True in "scaled" mode, else False).
+        order: explicit processing order of the mini-contexts (overrides shuffle).
+    Returns:
+        n tensors (B, C_k, *S_k), coarse to fine, float32 (float64 for a float64 model).
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    L = context_in.shape[1]
+    device = next(model.parameters()).device
+    chunks = mini_context_chunks(L, l)
+    n = len(chunks)
+    if grad is None:
+        grad = torch.is_grad_enabled()
+    if shuffle is None:  # the paper's scaled mode needs a random last mini-context to be unbiased
+        shuffle = grad and mode == "scaled"
+    chunks = [chunks[i] for i in chunk_order(n, shuffle=shuffle, generator=generator, order=order)]
+    if grad and (context_in.requires_grad or context_out.requires_grad) and mode != "full" and n > 1:
+        raise ValueError("gradients with respect to context_in/context_out need apsp_mode='full' "
+                         "(or l=None); 'exact' and 'scaled' treat the contexts as constants")
+    if not grad or mode == "full" or n == 1:
+        sums = _accumulate(model, ContextStream(context_in, context_out, chunks, device), tctx, fast)
+        return [s / L for s in sums] if grad else [s.div_(L) for s in sums]
+    if mode == "scaled":
+        with torch.no_grad():
+            sums = _accumulate(model, ContextStream(context_in, context_out, chunks[:-1], device), tctx, fast)
+        ci, co, _ = next(iter(ContextStream(context_in, context_out, chunks[-1:], device)))
+        feats = model._context_branch(ci, co, tctx, fast)
+        return [(s + _ScaleGrad.apply(f.sum(1, dtype=s.dtype), float(n))) / L for s, f in zip(sums, feats)]
+    runner = _Runner(model, context_in, context_out, chunks, fast, device, L)
+    return list(_ExactContextMeans.apply(runner, len(tctx), *tctx, *runner.params))
+
+
+def apsp_forward(model, target_in: torch.Tensor, context_in: torch.Tensor, context_out: torch.Tensor,
+                 l: int | str | None = None, *, fast: bool | None = None, mode: str = "exact",
+                 shuffle: bool | None = None, generator: torch.Generator | None = None,
+                 order: Sequence[int] | None = None, validate: bool = True) -> torch.Tensor:
+    """Full Neuroverse3D forward with APSP.
+
+    Args:
+        target_in: (B, C_in, *S); moved to the model's device.
+        context_in, context_out: (B, L, C, *S), may stay on the CPU.
+        l: mini-context size: int, None (all at once) or "auto".
+        fast: computation path (default: ``model.fast``).
+        mode: gradient mode when a graph is recorded ("exact", "scaled", "full").
+        shuffle, generator, order: mini-context order (see :func:`context_means`).
+        validate: run ``model.validate_inputs`` first.
+    Returns:
+        (B, C_out, *S).
+    """
+    if validate:
+        model.validate_inputs(target_in, context_in, context_out)
+    if mode not in _MODES:
+        raise ValueError(f"apsp mode must be one of {_MODES}, got {mode!r}")
+    fast = model.fast if fast is None else bool(fast)
+    device = next(model.parameters()).device
+    target = target_in.to(device)
+    grad = torch.is_grad_enabled() and (
+        target.requires_grad or context_in.requires_grad or context_out.requires_grad
+        or any(p.requires_grad for p in model.parameters()))
+    l = resolve_mini_context(model, l, target, context_in, training=grad)
+    tfeats = model.encode_target(target, fast=fast)
+    tctx = model.target_context(tfeats, fast=fast)
+    means = context_means(model, tctx, context_in, context_out, l, fast=fast, mode=mode, grad=grad,
+                          shuffle=shuffle, generator=generator, order=order)
+    del tctx  # W_t t is no longer needed: free it before the decoder's peak
+    return model.decode(tfeats, means, fast=fast)
