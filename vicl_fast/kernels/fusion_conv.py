@@ -56,7 +56,7 @@ def _fusion_block_forward_kernel(
     sgb, sgl, sgc, sgs,
     syb, syl, syc, sys,
     HAS_BIAS: tl.constexpr, HAS_EXTRA: tl.constexpr, MODE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (BLOCK_P voxels) x (BLOCK_N output channels) tile of one (b, l) slab.
@@ -66,8 +66,8 @@ def _fusion_block_forward_kernel(
     broadcast ``extra`` tile (all l) run next to each other and hit L2.
     """
     pid = tl.program_id(0)
-    num_n = tl.cdiv(C, BLOCK_N)
-    num_s = tl.cdiv(N, BLOCK_P)
+    num_n = (C + BLOCK_N - 1) // BLOCK_N
+    num_s = (N + BLOCK_P - 1) // BLOCK_P
     pid_n = pid % num_n
     rest = pid // num_n
     l_idx = rest % L
@@ -82,7 +82,9 @@ def _fusion_block_forward_kernel(
     mask_pn = mask_p[:, None] & mask_n[None, :]
 
     x_base = x_ptr + b_idx * sxb + l_idx * sxl
-    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    # tl.full, not tl.zeros, and no tl.cdiv: those are @jit helpers that break the
+    # interpreter when triton was imported before TRITON_INTERPRET was set.
+    acc = tl.full((BLOCK_P, BLOCK_N), 0.0, dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C
@@ -91,6 +93,9 @@ def _fusion_block_forward_kernel(
         # (BLOCK_K, BLOCK_N) tile of W^T: wt[k, n] = W[n, k]
         wt = tl.load(w_ptr + offs_k[:, None] * swc + offs_n[None, :] * swo,
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST_DOT:  # exact: bf16 products are exact in fp32
+            a = a.to(tl.float32)
+            wt = wt.to(tl.float32)
         acc = tl.dot(a, wt, acc=acc, input_precision=INPUT_PRECISION)
 
     # residual x[:, n]: same voxels, this tile's channels (an L1/L2 hit)
@@ -228,7 +233,10 @@ def _launch(mode: int, x: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | N
             grad_out if grad_out is not None else x, y,
             L, N, C, *sx, w2.stride(0), w2.stride(1), *se, *sg, *sy)
     consts = dict(HAS_BIAS=bias is not None, HAS_EXTRA=extra is not None, MODE=mode,
-                  INPUT_PRECISION=_input_precision(x.dtype))
+                  INPUT_PRECISION=_input_precision(x.dtype),
+                  # triton 3.9's CPU interpreter multiplies the raw bits of bf16 in tl.dot
+                  # (garbage results); fp32 operands give the same products exactly.
+                  UPCAST_DOT=_interpreting() and x.dtype == torch.bfloat16)
     if _interpreting() or not x.is_cuda:
         cfg = _INTERPRET_CONFIG
         grid = (triton.cdiv(C, cfg["BLOCK_N"]) * L * triton.cdiv(N, cfg["BLOCK_P"]) * B,)

@@ -1,0 +1,311 @@
+"""Tests of the Neuroverse3D fusion block ``GELU(x + conv1x1(x) + b + extra)``.
+
+- The reference equals the authors' ``c + Conv1x1(concat[c, t])`` form (the
+  algebraic split W = [W_c | W_t]), in float64, with an independent erf GELU.
+- The Triton kernel (run by triton's CPU interpreter, ``TRITON_INTERPRET=1``,
+  at tiny odd shapes) equals the reference: values and the gradients of x,
+  weight, bias and extra; extra broadcast over L (and B) or not; 2D and 3D;
+  contiguous, channels-last and strided layouts; fp32 tightly, bf16 by the
+  flash-attention rule.
+- GPU versions at realistic sizes (C = 32..512, 32^3) are marked ``gpu``.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.special import erf
+
+from vicl_fast.ops import fusion
+from vicl_fast.ops.fusion import conv1x1, fusion_block, fusion_block_reference
+
+
+def _gelu_np(v: np.ndarray) -> np.ndarray:
+    """Exact GELU in float64 via SciPy's erf (independent of torch's F.gelu)."""
+    return 0.5 * v * (1.0 + erf(v / math.sqrt(2.0)))
+
+
+def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """Authors' 1x1 conv on (N, C, *S) with a (Cout, Cin, 1, ...) weight."""
+    return (F.conv3d if x.dim() == 5 else F.conv2d)(x, w, b)
+
+
+# --------------------------------------------------------------------------- reference
+
+@pytest.mark.parametrize("spatial", [(3, 5, 7), (6, 5)])
+def test_reference_equals_concat_conv(spatial):
+    """GELU(c + Conv1x1(concat[c, t])) per context == fusion_block(c, W_c, b, W_t t)."""
+    B, L, C = 2, 3, 6
+    nd = len(spatial)
+    c = torch.randn(B, L, C, *spatial, dtype=torch.float64)
+    t = torch.randn(B, C, *spatial, dtype=torch.float64)
+    w_full = torch.randn(C, 2 * C, *([1] * nd), dtype=torch.float64) / math.sqrt(2 * C)
+    bias = torch.randn(C, dtype=torch.float64)
+
+    # The authors' computation: concatenate [context, target] per context, conv, residual, GELU.
+    t_rep = t.unsqueeze(1).expand(B, L, C, *spatial)
+    cat = torch.cat([c, t_rep], dim=2).reshape(B * L, 2 * C, *spatial)
+    pre = c.reshape(B * L, C, *spatial) + _conv(cat, w_full, bias)
+    expected = _gelu_np(pre.numpy()).reshape(B, L, C, *spatial)
+
+    # Ours: W_t t once per stage, broadcast over L.
+    extra = _conv(t, w_full[:, C:]).unsqueeze(1)  # (B, 1, C, *S)
+    got = fusion_block(c, w_full[:, :C], bias, extra)
+    got_ref = fusion_block_reference(c, w_full[:, :C].reshape(C, C), bias, extra)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got_ref.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_gradcheck():
+    C = 3
+    args = (torch.randn(1, 2, C, 2, 3, 2, dtype=torch.float64, requires_grad=True),
+            torch.randn(C, C, 1, 1, 1, dtype=torch.float64, requires_grad=True),
+            torch.randn(C, dtype=torch.float64, requires_grad=True),
+            torch.randn(1, 1, C, 2, 3, 2, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(fusion_block_reference, args)
+
+
+def test_conv1x1_matches_einsum():
+    x = torch.randn(2, 5, 3, 4, 6, dtype=torch.float64)
+    w = torch.randn(7, 5, 1, 1, 1, dtype=torch.float64)
+    b = torch.randn(7, dtype=torch.float64)
+    want = np.einsum("oc,bcdhw->bodhw", w.reshape(7, 5).numpy(), x.numpy()) + b.numpy()[:, None, None, None]
+    np.testing.assert_allclose(conv1x1(x, w, b).numpy(), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(conv1x1(x[..., 0], w.reshape(7, 5), b).numpy(), want[..., 0],
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="conv1x1: weight"):
+        conv1x1(x, torch.randn(7, 4))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(x=torch.randn(2, 4, 5)), "at least one spatial dim"),
+    (dict(weight=torch.randn(4, 5)), "weight must be"),
+    (dict(weight=torch.randn(4, 4, 3, 3, 3)), "weight must be"),
+    (dict(bias=torch.randn(5)), "bias must be"),
+    (dict(extra=torch.randn(1, 2, 4, 3, 3, 3)), "extra must broadcast"),
+    (dict(extra=torch.randn(1, 1, 4, 3, 3)), "extra must broadcast"),
+])
+def test_bad_input_errors(bad, match):
+    args = dict(x=torch.randn(1, 3, 4, 3, 3, 3), weight=torch.randn(4, 4), bias=torch.randn(4),
+                extra=torch.randn(1, 1, 4, 3, 3, 3))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        fusion_block(**args)
+    with pytest.raises(TypeError, match="floating point"):
+        fusion_block(torch.ones(1, 1, 4, 2, 2, dtype=torch.long), torch.randn(4, 4), None)
+
+
+def test_import_does_not_import_triton():
+    """`import vicl_fast` and the CPU path of fusion_block never import triton."""
+    code = ("import sys, torch, vicl_fast\n"
+            "from vicl_fast.ops.fusion import fusion_block\n"
+            "fusion_block(torch.randn(1, 1, 4, 2, 2, 2), torch.randn(4, 4), None)\n"
+            "assert 'triton' not in sys.modules, 'triton was imported'\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- Triton kernel checks
+
+def _make_inputs(B, L, C, spatial, extra_L, dtype, device="cpu", layout="contiguous", bias=True):
+    """Random inputs (values at the scale of real features) with requires_grad."""
+    nd = len(spatial)
+    x = torch.randn(B, L, C, *spatial, device=device)
+    if layout == "channels_last":
+        x = x.movedim(2, -1).contiguous().movedim(-1, 2)  # C contiguous per voxel
+    elif layout == "strided":
+        big = torch.randn(B, L, C, *spatial[:-1], 2 * spatial[-1], device=device)
+        x = big[..., ::2]  # spatial dims not flattenable: exercises the copy path
+    x = x.to(dtype).requires_grad_()
+    w = (torch.randn(C, C, *([1] * nd), device=device) / math.sqrt(C)).to(dtype).requires_grad_()
+    b = torch.randn(C, device=device).to(dtype).requires_grad_() if bias else None
+    e = None
+    if extra_L is not None:
+        eB = B if extra_L != "B1" else 1
+        eL = 1 if extra_L in (1, "B1") else L
+        e = torch.randn(eB, eL, C, *spatial, device=device).to(dtype).requires_grad_()
+    return x, w, b, e
+
+
+def _run(fn, x, w, b, e, go):
+    y = fn(x, w, b, e)
+    inputs = [t for t in (x, w, b, e) if t is not None]
+    grads = torch.autograd.grad(y, inputs, go)
+    return [y.detach()] + [g.detach() for g in grads]
+
+
+def _check(fn, x, w, b, e, fp32: bool):
+    """Compare fn's output and gradients with the float64 reference (and, for low precision,
+    with the reference computed in the low precision by plain torch)."""
+    torch.manual_seed(1)
+    go = torch.randn(x.shape, device=x.device).to(x.dtype)
+    got = _run(fn, x, w, b, e, go)
+
+    def up(t):
+        return t.detach().double().requires_grad_() if t is not None else None
+
+    ref = _run(fusion_block_reference, up(x), up(w), up(b), up(e), go.double())
+    names = ["out", "grad_x", "grad_w", "grad_b", "grad_extra"][: len(got)]
+    if not fp32:
+        low = _run(fusion_block_reference, *[t.detach().requires_grad_() if t is not None else None
+                                             for t in (x, w, b, e)], go)
+    for i, (name, g, r) in enumerate(zip(names, got, ref)):
+        assert g.shape == r.shape, name
+        assert g.dtype == x.dtype, name
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        err = (g.double() - r).abs().max().item()
+        scale = r.abs().max().item()
+        if fp32:
+            assert err <= 1e-5 * max(1.0, scale), f"{name}: max err {err:.3e} (scale {scale:.3e})"
+        else:  # flash-attention rule: within 2x of plain torch in the same precision
+            err_low = (low[i].double() - r).abs().max().item()
+            assert err <= 2 * err_low + 1e-2 * max(1.0, scale), \
+                f"{name}: max err {err:.3e} vs torch-lowprec {err_low:.3e} (scale {scale:.3e})"
+
+
+@pytest.mark.usefixtures("triton_interp")
+class TestTritonInterpreter:
+    """Kernel vs reference through triton's CPU interpreter (tiny sizes: it is slow)."""
+
+    @pytest.fixture(scope="class")
+    def triton_interp(self):
+        """Set TRITON_INTERPRET=1 for this class only; poison kernel outputs with NaN."""
+        mp = pytest.MonkeyPatch()
+        mp.setenv("TRITON_INTERPRET", "1")  # before triton's first import, where possible
+        mp.delenv("VICL_FAST_DISABLE_TRITON", raising=False)
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # pragma: no cover - depends on the machine
+            mp.undo()
+            pytest.skip(f"triton is not importable: {e}")
+        import vicl_fast.kernels.fusion_conv as fc
+        reloaded = type(fc._fusion_block_forward_kernel).__name__ != "InterpretedFunction"
+        if reloaded:  # imported earlier for a GPU: the @triton.jit must be re-made interpreted
+            fc = importlib.reload(fc)
+        orig_empty = fc._empty_like_layout
+
+        def poisoned(x, dtype=None):  # every output element must be written by the kernel
+            return orig_empty(x, dtype).fill_(float("nan"))
+
+        mp.setattr(fc, "_empty_like_layout", poisoned)
+        try:
+            fc.fusion_block_forward(torch.randn(1, 1, 4, 2, 2), torch.randn(4, 4), None, None)
+        except Exception as e:  # pragma: no cover
+            mp.undo()
+            pytest.skip(f"the Triton CPU interpreter cannot run the kernel here: {type(e).__name__}: {e}")
+        yield fc
+        mp.undo()
+        if reloaded:
+            importlib.reload(fc)
+
+    @pytest.mark.parametrize("C", [4, 8, 16])
+    @pytest.mark.parametrize("spatial", [(3, 5, 7), (5, 6)])
+    @pytest.mark.parametrize("extra_L", [1, "L", None])
+    def test_fp32(self, C, spatial, extra_L):
+        x, w, b, e = _make_inputs(1, 3, C, spatial, extra_L, torch.float32)
+        assert fusion._use_triton(x)
+        _check(fusion_block, x, w, b, e, fp32=True)
+
+    @pytest.mark.parametrize("C, spatial, extra_L", [(16, (3, 5, 7), 1), (8, (5, 6), "L"), (20, (2, 3, 5), 1)])
+    def test_bf16(self, C, spatial, extra_L):
+        x, w, b, e = _make_inputs(1, 3, C, spatial, extra_L, torch.bfloat16)
+        _check(fusion_block, x, w, b, e, fp32=False)
+
+    def test_fp16(self):
+        x, w, b, e = _make_inputs(1, 2, 8, (3, 5, 7), 1, torch.float16)
+        _check(fusion_block, x, w, b, e, fp32=False)
+
+    @pytest.mark.parametrize("layout", ["channels_last", "strided"])
+    def test_layouts(self, layout):
+        x, w, b, e = _make_inputs(2, 2, 8, (3, 4, 5), 1, torch.float32, layout=layout)
+        y = fusion_block(x, w, b, e)
+        if layout == "channels_last":
+            assert y.stride(2) == 1, "output keeps x's channels-last layout"
+        _check(fusion_block, x, w, b, e, fp32=True)
+
+    def test_channels_last_3d_view_and_2d_weight(self):
+        """A (B*L, C, D, H, W) channels_last_3d tensor viewed as 6D, weight given as (C, C)."""
+        C = 12
+        x5 = torch.randn(4, C, 3, 4, 5).to(memory_format=torch.channels_last_3d)
+        x = x5.view(2, 2, C, 3, 4, 5).requires_grad_()
+        w = (torch.randn(C, C) / math.sqrt(C)).requires_grad_()
+        b = torch.randn(C, requires_grad=True)
+        e = torch.randn(2, 1, C, 3, 4, 5, requires_grad=True)
+        _check(fusion_block, x, w, b, e, fp32=True)
+
+    def test_no_bias_extra_broadcast_over_b(self):
+        x, w, _, e = _make_inputs(2, 3, 8, (3, 5), "B1", torch.float32, bias=False)
+        assert e.shape[:2] == (1, 1)
+        _check(fusion_block, x, w, None, e, fp32=True)
+
+    def test_partial_requires_grad(self):
+        x, w, b, e = _make_inputs(1, 2, 8, (3, 5), 1, torch.float32)
+        w = w.detach()
+        e = e.detach()
+        y = fusion_block(x, w, b, e)
+        gx, gb = torch.autograd.grad(y.sum(), (x, b))
+        yr = fusion_block_reference(x, w, b, e)
+        rx, rb = torch.autograd.grad(yr.sum(), (x, b))
+        torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gb, rb, rtol=1e-5, atol=1e-5)
+
+    def test_autocast_bf16(self):
+        """Under CPU autocast the Triton path computes in bf16; grads come back in fp32."""
+        x, w, b, e = _make_inputs(1, 2, 16, (3, 5), 1, torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fusion_block(x, w, b, e)
+        assert y.dtype == torch.bfloat16
+        gx, gw = torch.autograd.grad(y.float().sum(), (x, w))
+        assert gx.dtype == torch.float32 and gw.dtype == torch.float32
+        r = fusion_block_reference(x.double(), w.double(), b.double(), e.double())
+        assert (y.double() - r).abs().max() < 0.05 * r.abs().max()
+
+    def test_disable_env_takes_reference(self, monkeypatch):
+        x, w, b, e = _make_inputs(1, 2, 4, (2, 3), 1, torch.float32)
+        calls = []
+
+        def spy(*a):
+            calls.append(1)
+            return fusion_block_reference(*a)
+
+        monkeypatch.setattr(fusion, "fusion_block_reference", spy)
+        fusion_block(x, w, b, e)
+        assert calls == [], "Triton path expected under TRITON_INTERPRET=1"
+        monkeypatch.setenv("VICL_FAST_DISABLE_TRITON", "1")
+        fusion_block(x, w, b, e)
+        assert calls == [1]
+
+
+# --------------------------------------------------------------------------- GPU (realistic sizes)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C", [4, 32, 64, 128, 256, 512])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_gpu_matches_reference(C, dtype, layout):
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("GPU test must run compiled, not interpreted")
+    if not fusion.triton_fusion_available()[0]:
+        pytest.skip(f"triton unavailable: {fusion.triton_fusion_available()[1]}")
+    S = (32, 32, 32) if C <= 256 else (16, 16, 16)
+    x, w, b, e = _make_inputs(1, 2, C, S, 1, dtype, device="cuda", layout=layout)
+    assert fusion._use_triton(x)
+    _check(fusion_block, x, w, b, e, fp32=dtype == torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_extra_per_context_2d():
+    if not fusion.triton_fusion_available()[0]:
+        pytest.skip("triton unavailable")
+    x, w, b, e = _make_inputs(2, 3, 64, (48, 40), "L", torch.bfloat16, device="cuda",
+                              layout="channels_last")
+    _check(fusion_block, x, w, b, e, fp32=False)
