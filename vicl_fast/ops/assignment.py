@@ -39,10 +39,6 @@ _BACKEND_ENV = "VICL_FAST_LSA_BACKEND"
 STATUS_OK, STATUS_INVALID, STATUS_INFEASIBLE = 0, 1, 2
 
 
-def _op_available() -> bool:
-    return _ext.extension_loaded() and (_ext.has_kernel(_OP_NAME, "CPU") or _ext.has_kernel(_OP_NAME, "CUDA"))
-
-
 if _ext.extension_loaded():
     try:
         @torch.library.register_fake(f"vicl_fast::{_OP_NAME}")
@@ -57,24 +53,32 @@ if _ext.extension_loaded():
         pass
 
 
+# Kernel availability never changes after import; cached so torch.compile can trace the dispatch.
+_HAS_KERNEL = {key: _ext.has_kernel(_OP_NAME, key) for key in ("CPU", "CUDA")}
+
+
 def lsa_backend(device: torch.device | str = "cpu") -> str:
     """Name of the backend that :func:`linear_sum_assignment` uses for ``device``.
 
     One of ``"compiled"`` (the op has a kernel for this device),
     ``"compiled-cpu-roundtrip"`` (CUDA input solved by the C++ CPU kernel),
     ``"scipy"`` (SciPy over a thread pool; on CUDA input, via the host).
-    Honours ``VICL_FAST_LSA_BACKEND=auto|compiled|scipy``.
+    Honours ``VICL_FAST_LSA_BACKEND=auto|compiled|scipy`` (read at each call
+    in eager mode; inside ``torch.compile`` the automatic choice is used).
     """
     device = torch.device(device)
-    want = os.environ.get(_BACKEND_ENV, "auto").strip().lower() or "auto"
-    if want not in ("auto", "compiled", "scipy"):
-        raise ValueError(f"{_BACKEND_ENV}={want!r}: expected one of auto, compiled, scipy")
+    if torch.compiler.is_compiling():
+        want = "auto"
+    else:
+        want = os.environ.get(_BACKEND_ENV, "auto").strip().lower() or "auto"
+        if want not in ("auto", "compiled", "scipy"):
+            raise ValueError(f"{_BACKEND_ENV}={want!r}: expected one of auto, compiled, scipy")
     if want == "scipy":
         return "scipy"
     key = "CUDA" if device.type == "cuda" else "CPU"
-    if _ext.has_kernel(_OP_NAME, key):
+    if _HAS_KERNEL[key]:
         return "compiled"
-    if key == "CUDA" and _ext.has_kernel(_OP_NAME, "CPU"):
+    if key == "CUDA" and _HAS_KERNEL["CPU"]:
         return "compiled-cpu-roundtrip"
     if want == "compiled":
         reason = _ext.available_backends()["cpp"].reason
