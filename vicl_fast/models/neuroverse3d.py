@@ -276,7 +276,7 @@ class Neuroverse3D(nn.Module):
     def _fuse_c2t(self, conv: nn.Module, t: torch.Tensor, cm: torch.Tensor, fast: bool) -> torch.Tensor:
         """Context-to-Target fusion ``GELU(t + Conv1x1(concat[c_mean, t]))``; t, cm: (B, C, *S)."""
         C = t.shape[1]
-        cm = cm.to(t.dtype) if not torch.is_autocast_enabled(t.device.type) else cm
+        cm = cm.to(t.dtype)  # fp32 running mean -> the features' dtype (what autocast would do)
         if not fast:
             return F.gelu(t + conv(torch.cat([cm, t], dim=1)))
         extra = self._conv1x1(cm, conv.weight[:, :C], None).unsqueeze(1)

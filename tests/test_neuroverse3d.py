@@ -1,0 +1,174 @@
+"""Neuroverse3D model: layout, fast == reference path, FLOPs, input errors."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vicl_fast.models import create_model
+from vicl_fast.models.neuroverse3d import Neuroverse3D
+
+
+def _fixture_dir() -> Path:
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "neuroverse3d"
+    return shared if shared.is_dir() else Path(__file__).parent / "fixtures" / "neuroverse3d"
+
+
+def _inputs(B=1, L=3, S=(16, 16, 16), dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(B, 1, *S, generator=g, dtype=dtype)
+    ci = torch.rand(B, L, 1, *S, generator=g, dtype=dtype)
+    co = (torch.rand(B, L, 1, *S, generator=g) > 0.5).to(dtype)
+    return t, ci, co
+
+
+def _tiny(dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    kw.setdefault("channels", (3, 5, 7))
+    return Neuroverse3D(**kw).to(dtype)
+
+
+def test_default_layout_matches_official_keys():
+    with torch.device("meta"):
+        m = Neuroverse3D()
+    assert sum(p.numel() for p in m.parameters()) == 70_854_913
+    official = json.loads((_fixture_dir() / "keys_full.json").read_text())
+    assert official["n_params"] == 70_854_913
+    ours = {k: list(v.shape) for k, v in m.state_dict().items()}
+    assert ours == official["state_dict_shapes"]
+    # the split of the notes: context U-Net / target encoder / target decoder
+    assert sum(p.numel() for p in m.context_unet.parameters()) == 35_137_376
+    assert sum(p.numel() for p in m.target_encoder.parameters()) == 15_843_264
+    assert sum(p.numel() for p in m.target_decoder.parameters()) == 19_874_273
+
+
+def test_registry():
+    with torch.device("meta"):
+        assert isinstance(create_model("neuroverse3d"), Neuroverse3D)
+    tiny = create_model("neuroverse3d_tiny")
+    assert tiny.channels == (4, 8, 16, 32, 64)
+
+
+@pytest.mark.parametrize("spatial_dims,S,convs", [(3, (8, 12, 16), 2), (3, (8, 8, 8), 3), (2, (12, 20), 2)])
+def test_fast_equals_reference_values_and_grads(spatial_dims, S, convs):
+    m = _tiny(spatial_dims=spatial_dims, convs_per_stage=convs)
+    t, ci, co = _inputs(B=2, L=3, S=S)
+    t.requires_grad_(True)
+    outs, grads = [], []
+    for fast in (True, False):
+        m.zero_grad(set_to_none=True)
+        t.grad = None
+        y = m(t, ci, co, fast=fast)
+        assert y.shape == t.shape
+        (y.sin().sum()).backward()
+        outs.append(y.detach())
+        grads.append([p.grad.clone() for p in m.parameters()] + [t.grad.clone()])
+    assert y.abs().max() > 0
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-11, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_inference_inplace_and_channels_last_match_graph_path():
+    m = _tiny(channels_last=True)
+    t, ci, co = _inputs(L=2)
+    ref = m(t, ci, co, fast=False).detach()
+    with torch.no_grad():
+        y_ng = m(t, ci, co, 1)
+    y_inf = m.predict(t, ci, co, l=2)
+    torch.testing.assert_close(y_ng, ref, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(y_inf, ref, rtol=1e-11, atol=1e-12)
+    assert not torch.equal(ref, torch.zeros_like(ref))
+
+
+def test_l_positional_keyword_and_auto():
+    m = _tiny()
+    t, ci, co = _inputs(L=4)
+    with torch.no_grad():
+        a = m(t, ci, co, 3)
+        b = m(t, ci, co, l=1)
+        c = m(t, ci, co, "auto")
+        d = m(t, ci, co, l=100)  # larger than L: one mini-context
+    for x in (b, c, d):
+        torch.testing.assert_close(x, a, rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_autocast_close_to_fp32():
+    m = _tiny(torch.float32, channels=(4, 8, 16))
+    t, ci, co = _inputs(L=2, dtype=torch.float32)
+    with torch.no_grad():
+        ref = m(t, ci, co, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(t, ci, co, 1)
+    assert torch.isfinite(y).all()
+    err = (y.float() - ref).abs().max() / ref.abs().max()
+    assert err < 5e-2, err
+
+
+def _bad(m, t, ci, co, match, exc=ValueError):
+    with pytest.raises(exc, match=match):
+        m(t, ci, co)
+
+
+def test_input_errors():
+    m = _tiny()
+    t, ci, co = _inputs(L=2, S=(8, 8, 8))
+    _bad(m, t[..., :6], ci[..., :6], co[..., :6], "not divisible by 2\\^\\(stages-1\\) = 4")
+    _bad(m, t, ci, co[:, :, :, :4], "context images and labels differ")
+    _bad(m, t, ci[:, :1], co, "context images and labels differ")
+    _bad(m, t, ci[:, :0], co[:, :0], "zero contexts")
+    _bad(m, t[0], ci, co, "must have 5 dims")
+    _bad(m, t, ci[:, 0], co, "must have 6 dims")
+    _bad(m, torch.cat([t, t], 1), ci, co, "in_channels=1")
+    _bad(m, t, ci, torch.cat([co, co], 2), "out_channels=1")
+    _bad(m, t[..., :4], ci, co, "spatial sizes differ")
+    _bad(m, t.repeat(2, 1, 1, 1, 1), ci, co, "batch sizes differ")
+    _bad(m, t.long(), ci, co, "floating-point", TypeError)
+    bad = ci.clone()
+    bad[0, 1, 0, 2, 2, 2] = float("nan")
+    _bad(m, t, bad, co, "context_in contains NaN or Inf")
+    tinf = t.clone()
+    tinf[0, 0, 0, 0, 0] = float("inf")
+    _bad(m, tinf, ci, co, "target_in contains NaN or Inf")
+    m.check_finite = False
+    with torch.no_grad():
+        assert torch.isnan(m(t, bad, co)).any()  # check disabled: NaN propagates, no error
+    with pytest.raises(ValueError, match="mini-context size l"):
+        m(t, ci, co, 0)
+    with pytest.raises(ValueError, match="'auto'"):
+        m(t, ci, co, "all")
+
+
+def test_conv_macs_formula_matches_flop_counter():
+    # Count the real convs of a forward (meta tensors: no compute) and compare
+    # with the analytic formula, both paths, target part and per-context part.
+    with torch.device("meta"):
+        m = Neuroverse3D()
+        S = (64, 64, 64)
+        t = torch.empty(1, 1, *S)
+        counted = {}
+        for fast in (False, True):
+            for L in (1, 2):
+                ci = torch.empty(1, L, 1, *S)
+                fc = FlopCounterMode(display=False)
+                m.check_finite = False
+                with fc, torch.no_grad():
+                    m(t, ci, ci, fast=fast)
+                counted[fast, L] = fc.get_total_flops()
+    for fast in (False, True):
+        macs = m.conv_macs(S, 1, fast=fast)
+        per_ctx = (counted[fast, 2] - counted[fast, 1]) // 2
+        target = (counted[fast, 1] - 2 * per_ctx) // 2
+        assert per_ctx == macs["per_context"], (fast, per_ctx, macs)
+        assert target == macs["target"], (fast, target, macs)
+    # the notes: ~1.29 TFLOP target branch + ~1.054 TFLOP per context at 128^3 (authors' order)
+    ref = m.conv_macs((128,) * 3, 8, fast=False)
+    assert math.isclose(2 * ref["target"] / 1e12, 1.29, rel_tol=0.01), ref
+    assert math.isclose(2 * ref["per_context"] / 1e12, 1.054, rel_tol=0.01), ref
+    assert math.isclose(2 * ref["total"] / 1e12, 9.7, rel_tol=0.01), ref
+    fast = m.conv_macs((128,) * 3, 8, fast=True)
+    assert fast["total"] < ref["total"]
