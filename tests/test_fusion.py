@@ -269,6 +269,13 @@ class TestTritonInterpreter:
         r = fusion_block_reference(x.double(), w.double(), b.double(), e.double())
         assert (y.double() - r).abs().max() < 0.05 * r.abs().max()
 
+    def test_inference_mode(self):
+        x, w, b, e = _make_inputs(1, 2, 8, (3, 4, 5), 1, torch.float32)
+        with torch.inference_mode():
+            y = fusion_block(x, w, b, e)
+        assert not y.requires_grad
+        torch.testing.assert_close(y, fusion_block_reference(x, w, b, e).detach(), rtol=1e-5, atol=1e-5)
+
     def test_disable_env_takes_reference(self, monkeypatch):
         x, w, b, e = _make_inputs(1, 2, 4, (2, 3), 1, torch.float32)
         calls = []

@@ -123,7 +123,7 @@ def fusion_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     _check_inputs(x, weight, bias, extra)
     if not _use_triton(x):
         return fusion_block_reference(x, weight, bias, extra)
-    from vicl_fast.kernels.fusion_conv import FusionBlockFunction
+    from vicl_fast.kernels.fusion_conv import FusionBlockFunction, fusion_block_forward
 
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
@@ -132,8 +132,10 @@ def fusion_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         dt = torch.get_autocast_dtype(dev)
         x, weight = x.to(dt), weight.to(dt)
         extra = extra.to(dt) if extra is not None else None
-        with torch.autocast(dev, enabled=False):
-            return FusionBlockFunction.apply(x, weight, bias, extra)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, extra))
+    if not needs_grad:  # inference (no_grad / inference_mode): no autograd node, nothing saved
+        return fusion_block_forward(x, weight, bias, extra)
     return FusionBlockFunction.apply(x, weight, bias, extra)
 
 
