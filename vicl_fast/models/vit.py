@@ -87,8 +87,9 @@ def interpolate_pos_grid(pos: torch.Tensor, src_hw: tuple[int, int], dst_hw: tup
     lead = pos.shape[:-2]
     d = pos.shape[-1]
     grid = pos.reshape(-1, src_hw[0], src_hw[1], d).permute(0, 3, 1, 2)
-    # bicubic is not implemented for bfloat16 on every backend: resize in float32.
-    grid = F.interpolate(grid.float(), size=tuple(dst_hw), mode="bicubic", align_corners=False)
+    # bicubic is not implemented for half types on every backend: resize those in float32.
+    work = grid.float() if grid.dtype in (torch.float16, torch.bfloat16) else grid
+    grid = F.interpolate(work, size=tuple(dst_hw), mode="bicubic", align_corners=False)
     return grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(*lead, dst_hw[0] * dst_hw[1], d)
 
 
