@@ -1,0 +1,546 @@
+"""``vicl-fast``: in-context inference on NIfTI volumes, and a backend report.
+
+Usage (segmentation of one scan from two labelled examples)::
+
+    vicl-fast predict --target sub01_T1.nii.gz \\
+        --context ex1_T1.nii.gz ex1_hippo.nii.gz --context ex2_T1.nii.gz ex2_hippo.nii.gz \\
+        --task seg --model neuroverse3d.safetensors --out sub01_hippo.nii.gz --preview sub01.png
+
+    vicl-fast predict --target scans/ --contexts examples.csv --labels all --model nv3d.ckpt \\
+        --trust-checkpoint --out predictions/          # batch mode, multi-label, authors' checkpoint
+    vicl-fast info                                     # compiled / CUDA / Triton backends
+
+Every output lands on the target's own voxel grid with its affine and header
+(labels nearest neighbour, images linear), written atomically (temp file +
+rename). All inputs are read and checked before the model runs.
+
+Exit codes (each with a one-line ``vicl-fast: error: ...`` on stderr):
+
+====  =======================================================================
+0     success
+1     internal error (a bug; ``VICL_FAST_DEBUG=1`` shows the traceback)
+2     usage error (bad or missing option; argparse's convention)
+3     a file is missing, unreadable or not NIfTI; an empty input folder
+4     bad image: not 3D, NaN voxels, or a context image and label whose
+      shapes or affines differ
+5     bad label: empty, non-integer, or non-binary for a binary task, or a
+      requested ``--labels`` value missing from a context label
+6     no context pairs given
+7     ``--model`` is missing or not a checkpoint this tool can load
+8     an output cannot be written (missing folder, would overwrite an input)
+9     the requested ``--device`` is not available
+10    out of memory (try ``--mini-context 1``, a smaller ``--grid``, or CPU)
+130   interrupted (Ctrl-C); nothing partial is left behind
+====  =======================================================================
+
+Subcommands are registered in :data:`COMMANDS`; ``train`` is added there by
+the training code.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from vicl_fast.data.io import (BadImageError, BadLabelError, BadModelError, DeviceError, InputError,
+                               NoContextError, OutputError, UnreadableFileError, check_same_grid, is_nifti_path,
+                               load_nifti, nifti_stem, save_nifti)
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 10, 130
+
+__all__ = ["main", "build_parser", "COMMANDS", "load_model", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE",
+           "EXIT_OOM", "EXIT_INTERRUPTED"]
+
+
+class _UsageError(Exception):
+    """argparse's error, raised instead of exiting so main() can return 2 in-process."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p) and not p.name.startswith("."))
+
+
+def _case_id(path: Path) -> str:
+    """nnU-Net convention: ``case_0000.nii.gz`` (channel 0) is case ``case``."""
+    stem = nifti_stem(path)
+    return stem[:-5] if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() else stem
+
+
+def _pairs_from_csv(path: Path) -> list[tuple[Path, Path]]:
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    except OSError as exc:
+        raise UnreadableFileError(f"cannot read contexts CSV {path}: {exc.strerror or exc}") from None
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise UnreadableFileError(f"contexts CSV {path} is not a valid CSV file: {exc}") from None
+    if rows and not is_nifti_path(rows[0][0].strip()):
+        rows = rows[1:]  # header, e.g. "image,label"
+    pairs = []
+    for n, r in enumerate(rows, start=1):
+        if len(r) < 2:
+            raise UnreadableFileError(f"contexts CSV {path} row {n}: expected 'image,label', got {r}")
+        img, lab = (Path(c.strip()) for c in r[:2])
+        pairs.append((img if img.is_absolute() else path.parent / img,
+                      lab if lab.is_absolute() else path.parent / lab))
+    return pairs
+
+
+def _pairs_from_folder(folder: Path) -> list[tuple[Path, Path]]:
+    """``images/`` + ``labels/`` (or nnU-Net's ``imagesTr/`` + ``labelsTr/``), matched by case id;
+    else a flat folder of ``<case>_image.nii.gz`` / ``<case>_label.nii.gz``."""
+    for a, b in (("images", "labels"), ("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
+        if (folder / a).is_dir() and (folder / b).is_dir():
+            labels = {_case_id(p): p for p in _nifti_files(folder / b)}
+            pairs = []
+            for img in _nifti_files(folder / a):
+                cid = _case_id(img)
+                if cid not in labels:
+                    raise UnreadableFileError(f"context image {img} has no label {folder / b / (cid + '.nii.gz')}")
+                pairs.append((img, labels[cid]))
+            return pairs
+    files = _nifti_files(folder)
+    imgs = {nifti_stem(p)[: -len("_image")]: p for p in files if nifti_stem(p).endswith("_image")}
+    labs = {nifti_stem(p)[: -len("_label")]: p for p in files if nifti_stem(p).endswith("_label")}
+    missing = sorted(set(imgs) ^ set(labs))
+    if missing:
+        raise UnreadableFileError(f"contexts folder {folder}: unpaired case(s) {missing}; each case needs "
+                                  "<case>_image.nii.gz and <case>_label.nii.gz")
+    return [(imgs[k], labs[k]) for k in sorted(imgs)]
+
+
+def _collect_contexts(args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    pairs = [(Path(a), Path(b)) for a, b in (args.context or [])]
+    if args.contexts:
+        src = Path(args.contexts)
+        if not src.exists():
+            raise UnreadableFileError(f"--contexts {src} not found (expected a folder or a CSV file)")
+        pairs += _pairs_from_folder(src) if src.is_dir() else _pairs_from_csv(src)
+    if not pairs:
+        raise NoContextError("no context pairs: give at least one --context IMAGE LABEL, or --contexts "
+                             "FOLDER|CSV (in-context inference needs examples of the task)")
+    return pairs
+
+
+def _collect_targets(target: str) -> list[Path]:
+    p = Path(target)
+    if p.is_dir():
+        files = _nifti_files(p)
+        if not files:
+            raise UnreadableFileError(f"target folder {p} contains no .nii/.nii.gz files")
+        return files
+    return [p]
+
+
+def _parse_labels(spec: str | None) -> list[int] | str | None:
+    if spec is None or spec == "all":
+        return spec
+    try:
+        vals = sorted({int(v) for v in spec.split(",") if v.strip()})
+    except ValueError:
+        raise _UsageError(f"--labels must be 'all' or comma-separated integers like '1,2,5', got {spec!r}") from None
+    if not vals or min(vals) < 1:
+        raise _UsageError(f"--labels values must be positive integers (0 is background), got {spec!r}")
+    return vals
+
+
+@dataclass
+class _Context:
+    image_path: Path
+    label_path: Path
+    image: object  # nib image
+    label: object
+    values: np.ndarray  # unique label values (seg) or empty (gen)
+
+
+def _load_contexts(pairs: Sequence[tuple[Path, Path]], task: str) -> list[_Context]:
+    out = []
+    for i, (ip, lp) in enumerate(pairs, start=1):
+        img = load_nifti(ip, f"context image {i}")
+        lab = load_nifti(lp, f"context label {i}")
+        check_same_grid(img, lab, f"context image {i} ({ip.name})", f"context label {i} ({lp.name})")
+        vals = np.empty(0)
+        if task == "seg":
+            data = np.asanyarray(lab.dataobj)
+            if np.issubdtype(data.dtype, np.floating) and not np.all(np.mod(data, 1) == 0):
+                raise BadLabelError(f"context label {i} ({lp}) has non-integer values; a label map must "
+                                    "hold integer classes (did you pass an image as label, or use --task gen?)")
+            vals = np.unique(data).astype(np.int64)
+            if np.any(vals < 0):
+                raise BadLabelError(f"context label {i} ({lp}) has negative values {vals[vals < 0][:5].tolist()}")
+            if not np.any(vals > 0):
+                raise BadLabelError(f"context label {i} ({lp}) is empty (all zeros); every context needs the "
+                                    "structure to be segmented, or drop that pair")
+        out.append(_Context(ip, lp, img, lab, vals))
+    return out
+
+
+def _resolve_labels(contexts: Sequence[_Context], requested: list[int] | str | None) -> list[int]:
+    if requested is None:
+        for i, c in enumerate(contexts, start=1):
+            extra = sorted(set(c.values.tolist()) - {0, 1})
+            if extra:
+                raise BadLabelError(
+                    f"context label {i} ({c.label_path.name}) has values {sorted(set(c.values.tolist()))[:8]} "
+                    "but a binary task needs 0/1 labels; pass --labels all (one output class per value) "
+                    f"or --labels {extra[0]} (that value only)")
+        return [1]
+    if requested == "all":
+        return sorted(set().union(*[set(c.values.tolist()) for c in contexts]) - {0})
+    for v in requested:
+        for i, c in enumerate(contexts, start=1):
+            if v not in set(c.values.tolist()):
+                raise BadLabelError(f"label {v} is absent from context label {i} ({c.label_path.name}); "
+                                    "each context must contain every requested label (drop the pair or the label)")
+    return list(requested)
+
+
+def _output_paths(targets: Sequence[Path], out: str, batch: bool) -> list[Path]:
+    o = Path(out)
+    if batch or (o.exists() and o.is_dir()) or (not is_nifti_path(o) and not o.suffix):
+        if not o.exists():
+            if not o.parent.exists():
+                raise OutputError(f"--out folder {o} cannot be created: {o.parent} does not exist")
+        elif not o.is_dir():
+            raise OutputError(f"--out {o} must be a folder when --target is a folder")
+        return [o / f"{_case_id(t)}.nii.gz" for t in targets]
+    if not is_nifti_path(o):
+        raise OutputError(f"--out {o} must end in .nii or .nii.gz (or be a folder)")
+    if not o.parent.is_dir():
+        raise OutputError(f"output folder {o.parent} does not exist; create it first")
+    return [o]
+
+
+# --------------------------------------------------------------------------- model
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 28):
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "torch-pickle"
+    return "unknown"
+
+
+def check_model_file(path: str | os.PathLike) -> str:
+    """The checkpoint's format (``"safetensors"``, ``"torch-zip"``, ``"torch-pickle"``), or BadModelError."""
+    p = Path(path)
+    if not p.exists():
+        raise BadModelError(f"model file not found: {p}")
+    if p.is_dir():
+        raise BadModelError(f"--model {p} is a folder; pass the checkpoint file (.safetensors or .ckpt)")
+    try:
+        kind = _sniff(p)
+    except OSError as exc:
+        raise BadModelError(f"cannot read model file {p}: {exc.strerror or exc}") from None
+    if kind == "unknown":
+        raise BadModelError(f"{p} is not a checkpoint: expected a vicl_fast .safetensors file or the "
+                            "authors' PyTorch/Lightning .ckpt")
+    return kind
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu", trust_checkpoint: bool = False):
+    """Load a Neuroverse3D from our safetensors checkpoint or the authors' checkpoint, in eval mode.
+
+    Raises:
+        BadModelError: missing file, unknown format, weights that do not fit, or not a 3D in-context model.
+    """
+    import torch
+
+    kind = check_model_file(path)
+    try:
+        if kind == "safetensors":
+            from vicl_fast.checkpoint import load_checkpoint
+
+            model = load_checkpoint(path, device="cpu")
+        else:
+            from vicl_fast.models.official import load_official_neuroverse3d
+
+            model = load_official_neuroverse3d(path, map_location="cpu", trust_checkpoint=trust_checkpoint)
+    except InputError:
+        raise
+    except Exception as exc:  # safetensors / torch raise many types for broken files
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = " (add --trust-checkpoint for the authors' Lightning file if you trust its source)" \
+            if "trust_checkpoint" in str(exc) else ""
+        raise BadModelError(f"cannot load model {path}: {msg}{hint}") from None
+    from vicl_fast.models.neuroverse3d import Neuroverse3D
+
+    if not isinstance(model, Neuroverse3D) or getattr(model, "spatial_dims", 3) != 3:
+        raise BadModelError(f"{path} holds a {type(model).__name__}, not a 3D in-context model (neuroverse3d*)")
+    return model.to(torch.device(device)).float().eval()
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise _UsageError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, auto)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                              f"CUDA build {torch.version.cuda}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise DeviceError(f"--device {name}: only cpu and cuda are supported")
+    return str(dev)
+
+
+# --------------------------------------------------------------------------- predict
+
+def _predict(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from vicl_fast.data.preprocess import check_grid, preprocess_image, preprocess_label, to_original
+
+    # 1) Cheap checks of every option and path, before reading volumes.
+    if len(args.grid) not in (1, 3) or len(args.spacing) not in (1, 3):
+        raise _UsageError(f"--grid and --spacing take one value or three, got {args.grid} and {args.spacing}")
+    try:
+        grid = check_grid(args.grid[0] if len(args.grid) == 1 else args.grid)
+    except ValueError:
+        raise _UsageError(f"--grid must be positive multiples of 16 (e.g. 128 or 96 128 128), "
+                          f"got {args.grid}") from None
+    if any(s <= 0 for s in args.spacing):
+        raise _UsageError(f"--spacing must be positive, got {args.spacing}")
+    mini: int | str | None
+    if args.mini_context in ("auto", "all"):
+        mini = "auto" if args.mini_context == "auto" else None
+    else:
+        try:
+            mini = int(args.mini_context)
+            assert mini >= 1
+        except (ValueError, AssertionError):
+            raise _UsageError(f"--mini-context must be 'auto', 'all' or a positive integer, "
+                              f"got {args.mini_context!r}") from None
+    requested = _parse_labels(args.labels)
+    if args.task == "gen" and requested is not None:
+        raise _UsageError("--labels applies to --task seg only")
+    device = _resolve_device(args.device)
+    check_model_file(args.model)
+    targets = _collect_targets(args.target)
+    batch = Path(args.target).is_dir()
+    outs = _output_paths(targets, args.out, batch)
+    pairs = _collect_contexts(args)
+    inputs = {p.resolve() for p in targets} | {q.resolve() for pr in pairs for q in pr}
+    for o in outs:
+        if o.resolve() in inputs:
+            raise OutputError(f"output {o} would overwrite an input file; choose another --out")
+    if len(set(outs)) != len(outs):
+        raise OutputError("two targets map to the same output name; rename them or run them separately")
+
+    # 2) Read and check every volume.
+    contexts = _load_contexts(pairs, args.task)
+    labels = _resolve_labels(contexts, requested) if args.task == "seg" else []
+    target_imgs = [load_nifti(t, f"target {t.name}" if batch else "target") for t in targets]
+    spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
+
+    # 3) Contexts on the model grid (shared by every target).
+    ctx_in, ctx_lab = [], []
+    for c in contexts:
+        v, m = preprocess_image(c.image, spacing=spacing, grid=grid)
+        ctx_in.append(v)
+        if args.task == "seg":
+            lab, _ = preprocess_label(c.label, mapping=m)
+            ctx_lab.append(lab)
+        else:
+            out_v, _ = preprocess_image(c.label, spacing=spacing, grid=grid)
+            ctx_lab.append(out_v)
+    if args.task == "seg":
+        for ci, lab in enumerate(ctx_lab, start=1):
+            for v in labels:
+                if not np.any(lab == v):
+                    raise BadLabelError(f"label {v} of context {ci} vanishes on the model grid (structure smaller "
+                                        f"than a voxel at --spacing {args.spacing}); use a finer --spacing/--grid")
+    ci_t = torch.from_numpy(np.stack(ctx_in))[None, :, None]  # (1, L, 1, *G)
+
+    model = load_model(args.model, device, trust_checkpoint=args.trust_checkpoint)
+    dev = torch.device(device)
+    if batch:
+        outs[0].parent.mkdir(exist_ok=True)  # only now: nothing is created when a check fails
+
+    # 4) Run: one forward per label chunk (binary: one), per target.
+    chunk = len(labels) if args.label_batch == 0 else max(1, args.label_batch)
+    chunks = [labels[i:i + chunk] for i in range(0, len(labels), chunk)] if labels else [[]]
+    bar = tqdm(total=len(targets) * len(chunks), desc="vicl-fast predict", unit="pass",
+               disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+    for tpath, timg, opath in zip(targets, target_imgs, outs):
+        tv, tm = preprocess_image(timg, spacing=spacing, grid=grid)
+        probs = []
+        for ch in chunks:
+            B = max(1, len(ch))
+            t = torch.from_numpy(tv)[None, None].expand(B, 1, *grid).contiguous().to(dev)
+            cin = ci_t.expand(B, *ci_t.shape[1:])
+            if args.task == "seg":
+                co = torch.from_numpy(np.stack([np.stack([(lab == v) for lab in ctx_lab]) for v in ch])
+                                      .astype(np.float32))[:, :, None]
+            else:
+                co = torch.from_numpy(np.stack(ctx_lab))[None, :, None]
+            y = model.predict(t, cin, co, l=mini)
+            probs.append(y[:, 0].float().cpu().numpy())
+            bar.update(1)
+        pred = np.concatenate(probs, axis=0)  # (K, *G)
+        if args.task == "seg":
+            best = pred.argmax(0)
+            grid_map = np.where(pred.max(0) > args.threshold, np.asarray(labels)[best], 0)
+            dtype = np.uint8 if max(labels) <= 255 else np.uint16
+            out = to_original(grid_map.astype(dtype), tm, kind="label")
+            second = None
+        else:
+            out = to_original(pred[0], tm, kind="image")
+            if args.output_intensity == "target":
+                lo, hi = tm.intensity or (0.0, 1.0)
+                out = out * (hi - lo) + lo
+            dtype = np.float32
+            second = out
+        save_nifti(out.astype(dtype), timg.affine, opath, header=timg.header, dtype=dtype)
+        if args.preview is not None:
+            ppath = _preview_path(args.preview, opath, batch)
+            from vicl_fast.preview import save_preview
+
+            save_preview(ppath, timg, labels=out if args.task == "seg" else None, second=second)
+        if not args.quiet:
+            bar.write(f"wrote {opath}")
+    bar.close()
+    return EXIT_OK
+
+
+def _preview_path(arg: str, out: Path, batch: bool) -> Path:
+    if arg == "":
+        return out.with_name(nifti_stem(out) + ".png")
+    p = Path(arg)
+    if batch or p.is_dir():
+        return p / (nifti_stem(out) + ".png")
+    return p
+
+
+# --------------------------------------------------------------------------- parser
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import vicl_fast
+
+    print(vicl_fast.backends_report())
+    return EXIT_OK
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="in-context segmentation / generation of NIfTI volumes",
+                       description="Predict the target's label (seg) or restored image (gen) from context pairs; "
+                                   "the output is written on the target's voxel grid.")
+    p.add_argument("--target", required=True, help="target scan (.nii/.nii.gz), or a folder of them (batch mode)")
+    p.add_argument("--context", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
+                   help="one context pair; repeat for more")
+    p.add_argument("--contexts", metavar="FOLDER|CSV",
+                   help="context pairs: CSV 'image,label' rows (paths relative to the CSV), a folder with "
+                        "images/ + labels/ (or imagesTr/ + labelsTr/), or <case>_image/<case>_label files")
+    p.add_argument("--task", choices=("seg", "gen"), default="seg",
+                   help="seg: labels are label maps, output a label map; gen: labels are images (default seg)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint: ours (.safetensors, vicl_fast.checkpoint) or the authors' (.ckpt)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow unpickling the authors' Lightning checkpoint (runs code from the file: only "
+                        "for files from a source you trust)")
+    p.add_argument("--out", required=True, help="output .nii.gz (single target) or folder (batch mode)")
+    p.add_argument("--labels", help="multi-label seg: 'all' or '1,2,5'; default: binary 0/1 labels required")
+    p.add_argument("--label-batch", type=int, default=1,
+                   help="labels per forward pass (0 = all labels in one batched pass); default 1")
+    p.add_argument("--mini-context", default="auto",
+                   help="APSP mini-context size: 'auto' (fits free memory), 'all', or N (default auto)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--grid", type=int, nargs="+", default=[128], help="model grid, multiples of 16 (default 128)")
+    p.add_argument("--spacing", type=float, nargs="+", default=[1.0], help="resampling in mm (default 1.0)")
+    p.add_argument("--threshold", type=float, default=0.5, help="seg: foreground threshold (default 0.5)")
+    p.add_argument("--output-intensity", choices=("unit", "target"), default="unit",
+                   help="gen: write [0, 1] (unit) or rescale to the target's 2-98 percentile range (target)")
+    p.add_argument("--preview", nargs="?", const="", metavar="PNG",
+                   help="write a PNG preview (three slices with overlay); default name <out>.png; "
+                        "a folder in batch mode")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
+    p.set_defaults(func=_predict)
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="report the compiled / CUDA / Triton backends")
+    p.set_defaults(func=_cmd_info)
+
+
+#: Subcommand registrars, in help order; ``train`` is appended by the training code.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_predict, _add_info]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vicl-fast`` argument parser (subcommands from :data:`COMMANDS`)."""
+    from vicl_fast import __version__
+
+    parser = _Parser(prog="vicl-fast", description="Fast medical visual in-context learning.",
+                     epilog="Exit codes: 0 ok, 1 internal, 2 usage, 3 missing/unreadable file, 4 bad image, "
+                            "5 bad label, 6 no contexts, 7 bad model, 8 output, 9 device, 10 out of memory, "
+                            "130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"vicl-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def _err(msg: str) -> None:
+    print(f"vicl-fast: error: {msg}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vicl-fast`` console script; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return int(args.func(args))
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_USAGE
+    except _UsageError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except InputError as exc:
+        _err(str(exc).splitlines()[0])
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the console never shows a raw traceback
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            _err("out of memory: try --mini-context 1, a smaller --grid, or --device cpu")
+            return EXIT_OOM
+        if os.environ.get("VICL_FAST_DEBUG", "0") == "1":
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _err(f"internal error: {type(exc).__name__}: {first} (set VICL_FAST_DEBUG=1 for the traceback)")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # python -m vicl_fast.cli
+    sys.exit(main())
