@@ -439,7 +439,8 @@ class Neuroverse3D(nn.Module):
 
     def forward(self, target_in: torch.Tensor, context_in: torch.Tensor, context_out: torch.Tensor,
                 l: int | str | None = None, *, fast: bool | None = None, apsp_mode: str | None = None,
-                shuffle: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+                shuffle: bool | None = None, generator: torch.Generator | None = None,
+                order: Sequence[int] | None = None) -> torch.Tensor:
         """Predict the target's label from the context.
 
         Args:
@@ -452,7 +453,9 @@ class Neuroverse3D(nn.Module):
             fast: override the model's computation path.
             apsp_mode: override ``self.apsp_mode`` when a graph is recorded.
             shuffle, generator: process mini-contexts in a random order (the
-                output is order-invariant up to rounding; the default order is deterministic).
+                output is order-invariant up to rounding). Default: deterministic,
+                except in "scaled" training, which needs a random last mini-context.
+            order: explicit processing order of the mini-contexts (a permutation of range(n)).
         Returns:
             (B, C_out, D, H, W).
         """
@@ -461,7 +464,7 @@ class Neuroverse3D(nn.Module):
         self.validate_inputs(target_in, context_in, context_out)
         return apsp.apsp_forward(self, target_in, context_in, context_out, l, fast=fast,
                                  mode=apsp_mode or self.apsp_mode, shuffle=shuffle, generator=generator,
-                                 validate=False)
+                                 order=order, validate=False)
 
     @torch.inference_mode()
     def predict(self, target_in: torch.Tensor, context_in: torch.Tensor, context_out: torch.Tensor,

@@ -1,0 +1,74 @@
+"""Losses of Neuroverse3D against hand-computed values and autograd gradcheck."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vicl_fast import losses
+
+
+def test_modified_smooth_l1_hand_values():
+    pred = torch.tensor([0.0, 0.5, -0.5, 1.0, 3.0, -2.5], dtype=torch.float64).view(1, 1, 6)
+    tgt = torch.zeros_like(pred)
+    # |d|^3/3 below 1, |d| - 2/3 from 1 on
+    per = [0.0, 0.125 / 3, 0.125 / 3, 1 / 3, 3 - 2 / 3, 2.5 - 2 / 3]
+    got = losses.modified_smooth_l1(pred, tgt, reduction="none")
+    assert got.shape == (1,)
+    assert torch.allclose(got, torch.tensor([sum(per) / 6], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert torch.isclose(losses.segmentation_loss(pred, tgt), torch.tensor(sum(per) / 6, dtype=torch.float64))
+    # continuity at |d| = 1 and the gradient sign(d) min(d^2, 1)
+    d = torch.tensor([0.3, -0.7, 0.999999, 1.000001, -4.0], dtype=torch.float64, requires_grad=True)
+    losses.modified_smooth_l1(d.view(1, 1, 5), torch.zeros(1, 1, 5, dtype=torch.float64)).backward()
+    expect = torch.tensor([0.09, -0.49, 0.999998000001, 1.0, -1.0], dtype=torch.float64) / 5
+    assert torch.allclose(d.grad, expect, atol=1e-9)
+
+
+def test_generation_loss_hand_values():
+    # 1 x 1 x 2 x 3 volume (2 spatial dims): values small enough for the quadratic branch
+    pred = torch.tensor([[[[0.0, 0.2, 0.4], [0.1, 0.1, 0.1]]]], dtype=torch.float64)
+    tgt = torch.tensor([[[[0.0, 0.0, 0.0], [0.0, 0.0, 2.0]]]], dtype=torch.float64)
+    d = (pred - tgt).view(-1).tolist()
+
+    def sl1(x):
+        return 0.5 * x * x if abs(x) < 1 else abs(x) - 0.5
+
+    base = sum(sl1(x) for x in d) / 6
+    # forward differences along H (2 -> 1 rows) and W (3 -> 2 cols)
+    ph = [0.1 - 0.0, 0.1 - 0.2, 0.1 - 0.4]
+    th = [0.0, 0.0, 2.0]
+    pw = [0.2, 0.2, 0.0, 0.0]
+    tw = [0.0, 0.0, 0.0, 2.0]
+    gh = sum(sl1(a - b) for a, b in zip(ph, th)) / 3
+    gw = sum(sl1(a - b) for a, b in zip(pw, tw)) / 4
+    expect = base / 2 + (gh + gw) / 2 / 2
+    got = losses.generation_loss(pred, tgt)
+    assert abs(got.item() - expect) < 1e-14
+    assert abs(losses.task_loss(pred, tgt, "2d_to_3d").item() - 0.5 * expect) < 1e-14
+    assert abs(losses.task_loss(pred, tgt, "inpainting").item() - expect) < 1e-14
+    assert abs(losses.task_loss(pred, tgt, "segmentation").item()
+               - 50 * losses.modified_smooth_l1(pred, tgt).item()) < 1e-12
+
+
+def test_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    pred = (torch.randn(2, 1, 3, 4, 5, generator=g, dtype=torch.float64) * 1.5).requires_grad_(True)
+    tgt = torch.rand(2, 1, 3, 4, 5, generator=g, dtype=torch.float64)
+    # keep every |d| away from the kink at 1, where the loss is only C1
+    with torch.no_grad():
+        d = pred - tgt
+        pred += torch.where((d.abs() - 1).abs() < 0.05, 0.2 * d.sign(), torch.zeros_like(d))
+    for fn in (losses.modified_smooth_l1, losses.generation_loss):
+        assert torch.autograd.gradcheck(lambda p: fn(p, tgt), (pred,))
+        assert torch.autograd.gradcheck(lambda p: fn(p, tgt, reduction="none"), (pred,))
+
+
+def test_errors_and_weights():
+    x = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="differ in shape"):
+        losses.generation_loss(x, torch.zeros(1, 1, 4, 5))
+    with pytest.raises(ValueError, match="unknown task"):
+        losses.task_loss(x, x, "denoise")
+    with pytest.raises(ValueError, match="reduction"):
+        losses.smooth_l1(x, x, reduction="sum")
+    assert losses.task_weight("segmentation") == 50 and losses.task_weight("2d_to_3d") == 0.5
+    assert losses.task_loss(x, x, "segmentation", weighted=False).item() == 0.0
