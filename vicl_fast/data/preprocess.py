@@ -84,6 +84,20 @@ class GridMapping:
     scale: float
     intensity: tuple[float, float] | None = None
     header: nib.Nifti1Header | None = field(default=None, repr=False)
+    block: tuple[slice, slice, slice] | None = None
+
+    def _to_grid(self, data: np.ndarray, order: int, antialias: bool) -> np.ndarray:
+        """Forward resampling; voxels outside the original field of view (the padding) are 0.
+
+        ``mode="nearest"`` lets the grid's outermost voxel centres, which lie in the
+        original volume's outer half-voxel rim, take the edge value instead of 0.
+        """
+        out = resample(data, self.index_map, self.grid_shape, order=order, mode="nearest", antialias=antialias)
+        if self.block is not None:
+            keep = np.zeros(self.grid_shape, dtype=bool)
+            keep[self.block] = True
+            out[~keep] = 0
+        return out
 
     @property
     def grid_affine(self) -> np.ndarray:
@@ -140,8 +154,9 @@ def plan_grid(affine: np.ndarray, shape: Sequence[int], spacing: float | Sequenc
     S[:3, :3] = np.diag(ratio)
     S[:3, 3] = offset
     Q = T @ S
+    block = tuple(slice(int(p), int(p + n)) for p, n in zip(pad, m))
     return GridMapping(orig_shape=shp, orig_affine=A, grid_shape=tuple(int(g) for g in G),  # type: ignore[arg-type]
-                       index_map=Q, spacing=eff, scale=f)
+                       index_map=Q, spacing=eff, scale=f, block=block)  # type: ignore[arg-type]
 
 
 def _antialias_sigma(M: np.ndarray) -> np.ndarray:
@@ -226,7 +241,7 @@ def preprocess_image(img: nib.spatialimages.SpatialImage, spacing: float | Seque
     if mapping is None:
         mapping = plan_grid(affine, data.shape, spacing=spacing, grid=grid)
     norm, (lo, hi) = normalize_intensity(data, *percentiles)
-    vol = resample(norm, mapping.index_map, mapping.grid_shape, order=1, antialias=True)
+    vol = mapping._to_grid(norm, order=1, antialias=True)
     np.clip(vol, 0.0, 1.0, out=vol)
     mapping.intensity = (lo, hi)
     mapping.header = header
@@ -247,7 +262,7 @@ def preprocess_label(img: nib.spatialimages.SpatialImage, mapping: GridMapping |
     arr = np.asarray(data)
     if np.issubdtype(arr.dtype, np.floating):
         arr = np.rint(arr).astype(np.int32)
-    return resample(arr, mapping.index_map, mapping.grid_shape, order=0), mapping
+    return mapping._to_grid(arr, order=0, antialias=False), mapping
 
 
 def to_original(volume: np.ndarray, mapping: GridMapping, kind: str = "image") -> np.ndarray:

@@ -1,0 +1,173 @@
+"""Preprocessing (canonical, spacing, fit, percentiles) and its inverse; NIfTI I/O."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+import nibabel as nib
+
+from vicl_fast.data.io import BadImageError, OutputError, UnreadableFileError, load_nifti, save_nifti
+from vicl_fast.data.metrics import dice
+from vicl_fast.data.preprocess import (check_grid, normalize_intensity, plan_grid, preprocess_image,
+                                       preprocess_label, to_original)
+
+
+def _oblique_affine(zooms=(0.9, 1.3, 3.0), angles=(20, -35, 110), origin=(10.0, -20.0, 5.0)) -> np.ndarray:
+    A = np.eye(4)
+    A[:3, :3] = Rotation.from_euler("xyz", angles, degrees=True).as_matrix() @ np.diag(zooms)
+    A[:3, 3] = origin
+    return A
+
+
+def _world(A: np.ndarray, shape) -> np.ndarray:
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+    return (ijk @ A[:3, :3].T + A[:3, 3]).reshape(*shape, 3)
+
+
+def _phantom(A: np.ndarray, shape, radius: float = 14.0):
+    """A smooth image and a ball label defined in WORLD coordinates (so any grid sees the same object)."""
+    xyz = _world(A, shape)
+    centre = (A @ np.r_[(np.asarray(shape) - 1) / 2.0, 1.0])[:3]
+    r = np.linalg.norm(xyz - centre, axis=-1)
+    img = 100.0 * np.exp(-r / 25.0) + 5.0 * np.cos(xyz[..., 0] / 9.0)
+    return img.astype(np.float32), (r < radius).astype(np.uint8)
+
+
+def test_round_trip_oblique_anisotropic():
+    A = _oblique_affine()
+    shape = (40, 50, 30)
+    img, lab = _phantom(A, shape)
+    im, li = nib.Nifti1Image(img, A), nib.Nifti1Image(lab, A)
+    vol, m = preprocess_image(im, spacing=1.0, grid=96)
+    assert vol.shape == (96, 96, 96) and vol.dtype == np.float32
+    assert 0.0 <= vol.min() and vol.max() <= 1.0
+    assert m.scale == 1.0 and np.allclose(m.spacing, 1.0)
+    glab, _ = preprocess_label(li, mapping=m)
+    back_lab = to_original(glab, m, kind="label")
+    back_img = to_original(vol, m, kind="image")
+    assert back_lab.shape == shape and back_img.shape == shape
+    assert dice(back_lab, lab) > 0.98
+    ref, _ = normalize_intensity(img)
+    err = np.abs(back_img - ref)
+    assert err.mean() < 0.01 and np.median(err) < 0.005
+    # The model grid is 1 mm along world-space directions of the canonical voxel axes.
+    assert np.allclose(np.linalg.norm(m.grid_affine[:3, :3], axis=0), 1.0)
+    assert (nib.orientations.io_orientation(m.grid_affine)[:, 1] == 1).all()  # RAS-closest
+
+
+def test_round_trip_fit_downscales_isotropically():
+    A = _oblique_affine()
+    shape = (40, 50, 30)  # 36 x 65 x 90 mm: too big for 48^3 at 1 mm
+    img, lab = _phantom(A, shape, radius=18.0)
+    vol, m = preprocess_image(nib.Nifti1Image(img, A), spacing=1.0, grid=48)
+    assert m.scale == pytest.approx(90.0 / 48.0)
+    assert np.allclose(m.spacing, m.spacing[0])  # one factor: aspect ratio kept
+    ones, _ = preprocess_label(nib.Nifti1Image(np.ones(shape, np.uint8), A), mapping=m)
+    occupied = np.argwhere(ones)
+    ext = occupied.max(0) - occupied.min(0) + 1
+    assert ext.max() == 48 and ext.min() < 48  # fitted along the longest axis, padded elsewhere
+    glab, _ = preprocess_label(nib.Nifti1Image(lab, A), mapping=m)
+    back = to_original(glab, m, kind="label")
+    assert back.shape == shape and dice(back, lab) > 0.9  # coarser grid: boundary voxels differ
+
+
+def test_written_output_has_original_grid_and_header(tmp_path):
+    A = _oblique_affine()
+    img, lab = _phantom(A, (24, 28, 20))
+    src = nib.Nifti1Image(img, A)
+    src.header["descrip"] = b"scanner X"
+    src.set_qform(A, code=1)
+    src.set_sform(A, code=2)
+    vol, m = preprocess_image(src, spacing=2.0, grid=32)
+    glab, _ = preprocess_label(nib.Nifti1Image(lab, A), mapping=m)
+    out = save_nifti(to_original(glab, m, "label").astype(np.uint8), A, tmp_path / "seg.nii.gz", header=src.header)
+    back = nib.load(str(out))
+    assert back.shape == src.shape
+    assert np.allclose(back.affine, src.affine, atol=1e-5)
+    assert back.header["descrip"].tobytes().startswith(b"scanner X")
+    assert int(back.header["sform_code"]) == 2 and int(back.header["qform_code"]) == 1
+    assert back.get_data_dtype() == np.uint8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.nii.gz"]  # no temp file left
+
+
+def test_orientation_invariance():
+    """The same world content stored RAS, LPS or axis-permuted preprocesses to the same volume."""
+    A = np.diag([1.0, 1.2, 2.0, 1.0])
+    A[:3, 3] = [-20, -25, -15]
+    shape = (30, 36, 20)
+    img, _ = _phantom(A, shape)
+    ref, _ = preprocess_image(nib.Nifti1Image(img, A), spacing=1.5, grid=48)
+    # LPS: flip x and y.
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[0, 3], flip[1, 3] = shape[0] - 1, shape[1] - 1
+    lps, _ = preprocess_image(nib.Nifti1Image(img[::-1, ::-1].copy(), A @ flip), spacing=1.5, grid=48)
+    np.testing.assert_allclose(lps, ref, atol=1e-5)
+    # Permuted axes (z, x, y storage).
+    P = np.zeros((4, 4))
+    P[0, 1] = P[1, 2] = P[2, 0] = P[3, 3] = 1.0
+    perm, _ = preprocess_image(nib.Nifti1Image(np.transpose(img, (2, 0, 1)).copy(), A @ P), spacing=1.5, grid=48)
+    np.testing.assert_allclose(perm, ref, atol=1e-5)
+
+
+def test_labels_keep_their_values():
+    A = np.diag([1.0, 1.0, 1.0, 1.0])
+    lab = np.zeros((20, 20, 20), np.int16)
+    lab[2:8, 2:8, 2:8] = 3
+    lab[10:18, 10:18, 10:18] = 117
+    out, m = preprocess_label(nib.Nifti1Image(lab, A), spacing=1.0, grid=32)
+    assert set(np.unique(out).tolist()) == {0, 3, 117} and out.dtype == np.int16
+    assert (out == 117).sum() == 8**3 and (out == 3).sum() == 6**3  # integer shift: exact
+    np.testing.assert_array_equal(to_original(out, m, "label"), lab)
+
+
+def test_normalize_intensity_matches_quantiles():
+    rng = np.random.default_rng(0)
+    x = rng.gamma(2.0, 3.0, size=(17, 19, 23))
+    out, (lo, hi) = normalize_intensity(x)
+    q2, q98 = np.quantile(x, [0.02, 0.98])
+    assert (lo, hi) == pytest.approx((q2, q98))
+    np.testing.assert_allclose(out, np.clip((x - q2) / (q98 - q2), 0, 1), rtol=1e-6, atol=1e-6)
+    assert (out == 0).mean() == pytest.approx(0.02, abs=0.002) and (out == 1).mean() == pytest.approx(0.02, abs=0.002)
+    z, _ = normalize_intensity(np.full((4, 4, 4), 7.0))
+    assert not z.any()
+
+
+def test_plan_grid_validation():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        check_grid(100)
+    with pytest.raises(ValueError, match="spacing"):
+        plan_grid(np.eye(4), (10, 10, 10), spacing=0.0, grid=32)
+    assert check_grid((32, 48, 64)) == (32, 48, 64)
+
+
+def test_load_nifti_errors(tmp_path):
+    with pytest.raises(UnreadableFileError, match="not found"):
+        load_nifti(tmp_path / "missing.nii.gz")
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_text("not an image")
+    with pytest.raises(UnreadableFileError, match="cannot read"):
+        load_nifti(bad)
+    other = tmp_path / "scan.mha"
+    other.write_bytes(b"x")
+    with pytest.raises(UnreadableFileError, match="not a NIfTI"):
+        load_nifti(other)
+    four = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), str(four))
+    with pytest.raises(BadImageError, match="3D"):
+        load_nifti(four)
+    single = tmp_path / "single.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 5, 6, 1), np.float32), np.eye(4)), str(single))
+    assert load_nifti(single).shape == (4, 5, 6)
+
+
+def test_save_nifti_atomic_on_failure(tmp_path):
+    with pytest.raises(ValueError):
+        save_nifti(np.zeros((2, 2)), np.eye(4), tmp_path / "x.nii.gz")
+    with pytest.raises(OutputError, match="does not exist"):
+        save_nifti(np.zeros((2, 2, 2)), np.eye(4), tmp_path / "nope" / "x.nii.gz")
+
+    # A failure inside the writer (unsupported dtype) leaves no partial or temporary file.
+    with pytest.raises(Exception):
+        save_nifti(np.zeros((2, 2, 2), dtype=object), np.eye(4), tmp_path / "y.nii.gz")
+    assert list(tmp_path.iterdir()) == []
