@@ -210,10 +210,11 @@ def _empty_like_layout(x: torch.Tensor, dtype: torch.dtype | None = None) -> tor
     return y
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+def _input_precision(dtype: torch.dtype) -> str | None:
+    """tl.dot precision for fp32 operands (None: the default, only meaningful for fp32)."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
 
 
 def _launch(mode: int, x: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None,
