@@ -4,6 +4,7 @@ The model is ``neuroverse3d_tiny`` with random weights saved by :mod:`vicl_fast.
 (the real model code, not a stand-in). The CLI runs in-process (``main([...])``); one test
 runs the installed console script.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -39,7 +40,7 @@ def _case(shape, A, seed, labels=(1,)):
     rng = np.random.default_rng(seed)
     idx = np.indices(shape).astype(np.float64)
     c = (np.asarray(shape) - 1)[:, None, None, None] / 2
-    r = np.sqrt((((idx - c) * np.diag(A)[:3, None, None, None] if False else (idx - c)) ** 2).sum(0))
+    r = np.sqrt(((idx - c) ** 2).sum(0))  # ball in voxel units
     img = (100 * np.exp(-r / 8) + rng.normal(0, 2, shape)).astype(np.float32)
     lab = np.zeros(shape, np.uint8)
     lab[r < 5] = labels[0]
@@ -71,8 +72,14 @@ def env(tmp_path_factory):
 
 
 def _ctx_args(env, label="label"):
-    return ["--context", str(env / "ctx/c0_image.nii.gz"), str(env / f"ctx/c0_{label}.nii.gz"),
-            "--context", str(env / "ctx/c1_image.nii.gz"), str(env / f"ctx/c1_{label}.nii.gz")]
+    return [
+        "--context",
+        str(env / "ctx/c0_image.nii.gz"),
+        str(env / f"ctx/c0_{label}.nii.gz"),
+        "--context",
+        str(env / "ctx/c1_image.nii.gz"),
+        str(env / f"ctx/c1_{label}.nii.gz"),
+    ]
 
 
 def _manual(env, task="seg", label="label", value=1):
@@ -86,8 +93,12 @@ def _manual(env, task="seg", label="label", value=1):
         cos.append((preprocess_label(lb, mapping=m)[0] == value).astype(np.float32))
     timg = nib.load(str(env / "targets/t0.nii.gz"))
     tv, tm = preprocess_image(timg, spacing=2.5, grid=32)
-    y = model.predict(torch.from_numpy(tv)[None, None], torch.from_numpy(np.stack(cis))[None, :, None],
-                      torch.from_numpy(np.stack(cos))[None, :, None], l="auto")
+    y = model.predict(
+        torch.from_numpy(tv)[None, None],
+        torch.from_numpy(np.stack(cis))[None, :, None],
+        torch.from_numpy(np.stack(cos))[None, :, None],
+        l="auto",
+    )
     return timg, tm, y[0, 0].numpy()
 
 
@@ -95,9 +106,23 @@ def test_predict_seg_matches_manual_pipeline(env, tmp_path, capsys):
     timg, tm, pred = _manual(env)
     thr = float(np.median(pred[tm.block]))  # random weights: pick a threshold that splits the volume
     out = tmp_path / "seg.nii.gz"
-    rc = main(["predict", "--target", str(env / "targets/t0.nii.gz"), *_ctx_args(env), "--model",
-               str(env / "tiny.safetensors"), "--out", str(out), "--threshold", str(thr), "--preview",
-               str(tmp_path / "p.png"), *GRID])
+    rc = main(
+        [
+            "predict",
+            "--target",
+            str(env / "targets/t0.nii.gz"),
+            *_ctx_args(env),
+            "--model",
+            str(env / "tiny.safetensors"),
+            "--out",
+            str(out),
+            "--threshold",
+            str(thr),
+            "--preview",
+            str(tmp_path / "p.png"),
+            *GRID,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     res = nib.load(str(out))
     assert res.shape == timg.shape and np.allclose(res.affine, timg.affine, atol=1e-6)
@@ -113,8 +138,23 @@ def test_predict_seg_matches_manual_pipeline(env, tmp_path, capsys):
 
 def test_predict_gen_float_output(env, tmp_path):
     out = tmp_path / "gen.nii.gz"
-    rc = main(["predict", "--target", str(env / "targets/t0.nii.gz"), "--task", "gen", *_ctx_args(env, "image"),
-               "--model", str(env / "tiny.safetensors"), "--out", str(out), "--mini-context", "1", *GRID])
+    rc = main(
+        [
+            "predict",
+            "--target",
+            str(env / "targets/t0.nii.gz"),
+            "--task",
+            "gen",
+            *_ctx_args(env, "image"),
+            "--model",
+            str(env / "tiny.safetensors"),
+            "--out",
+            str(out),
+            "--mini-context",
+            "1",
+            *GRID,
+        ]
+    )
     assert rc == 0
     res = nib.load(str(out))
     tgt = nib.load(str(env / "targets/t0.nii.gz"))
@@ -126,9 +166,24 @@ def test_multilabel_batched_equals_per_label(env, tmp_path):
     outs = []
     for lb in ("1", "0"):
         out = tmp_path / f"m{lb}.nii.gz"
-        rc = main(["predict", "--target", str(env / "targets/t0.nii.gz"), *_ctx_args(env, "multi"),
-                   "--labels", "all", "--label-batch", lb, "--threshold=-1e9", "--model",
-                   str(env / "tiny.safetensors"), "--out", str(out), *GRID])
+        rc = main(
+            [
+                "predict",
+                "--target",
+                str(env / "targets/t0.nii.gz"),
+                *_ctx_args(env, "multi"),
+                "--labels",
+                "all",
+                "--label-batch",
+                lb,
+                "--threshold=-1e9",
+                "--model",
+                str(env / "tiny.safetensors"),
+                "--out",
+                str(out),
+                *GRID,
+            ]
+        )
         assert rc == 0
         outs.append(np.asarray(nib.load(str(out)).dataobj))
     # Batched (B = 2 labels) and per-label passes differ only by float rounding (conv reduction
@@ -139,12 +194,90 @@ def test_multilabel_batched_equals_per_label(env, tmp_path):
 
 def test_batch_mode_folder(env, tmp_path):
     out = tmp_path / "preds"
-    rc = main(["predict", "--target", str(env / "targets"), "--contexts", str(env / "ctx"), "--model",
-               str(env / "tiny.safetensors"), "--out", str(out), "--preview", *GRID])
+    rc = main(
+        [
+            "predict",
+            "--target",
+            str(env / "targets"),
+            "--contexts",
+            str(env / "ctx"),
+            "--model",
+            str(env / "tiny.safetensors"),
+            "--out",
+            str(out),
+            "--preview",
+            *GRID,
+        ]
+    )
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["t0.nii.gz", "t0.png", "t1.nii.gz", "t1.png"]
     for i in range(2):
         assert nib.load(str(out / f"t{i}.nii.gz")).shape == nib.load(str(env / f"targets/t{i}.nii.gz")).shape
+
+
+class _Opaque:
+    """A pickled Python object inside a checkpoint (what Lightning hparams can hold)."""
+
+
+def test_authors_checkpoint_format(env, tmp_path, capsys):
+    """A Lightning-style file (``state_dict`` with ``net.`` keys + ``hyper_parameters``) predicts exactly
+    as our safetensors copy of the same weights; one holding pickled objects is refused (exit 7)."""
+    from vicl_fast.models.official import to_official_state_dict
+
+    model = load_model(env / "tiny.safetensors")
+    ckpt = tmp_path / "authors.ckpt"
+    torch.save(
+        {
+            "state_dict": to_official_state_dict(model, lightning_prefix=True),
+            "hyper_parameters": {"nb_inner_channels": [4, 8, 16, 32, 64], "nb_conv_layers_per_stage": 2},
+        },
+        ckpt,
+    )
+    outs = []
+    for name, m in (("a", ckpt), ("b", env / "tiny.safetensors")):
+        out = tmp_path / f"{name}.nii.gz"
+        assert (
+            main(
+                [
+                    "predict",
+                    "--target",
+                    str(env / "targets/t0.nii.gz"),
+                    "--task",
+                    "gen",
+                    *_ctx_args(env, "image"),
+                    "--model",
+                    str(m),
+                    "--out",
+                    str(out),
+                    *GRID,
+                ]
+            )
+            == 0
+        )
+        outs.append(np.asarray(nib.load(str(out)).dataobj))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    bad = tmp_path / "pickled.ckpt"
+    torch.save(
+        {"state_dict": to_official_state_dict(model, lightning_prefix=True), "hyper_parameters": _Opaque()},
+        bad,
+    )
+    capsys.readouterr()
+    rc = main(
+        [
+            "predict",
+            "--target",
+            str(env / "targets/t0.nii.gz"),
+            *_ctx_args(env),
+            "--model",
+            str(bad),
+            "--out",
+            str(tmp_path / "c.nii.gz"),
+            *GRID,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 7 and "--trust-checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c.nii.gz").exists()
 
 
 def _write(path: Path, data, affine=None):
@@ -153,7 +286,11 @@ def _write(path: Path, data, affine=None):
 
 
 def _bad_cases(env: Path, tmp: Path):
-    t0, c0i, c0l = str(env / "targets/t0.nii.gz"), str(env / "ctx/c0_image.nii.gz"), str(env / "ctx/c0_label.nii.gz")
+    t0, c0i, c0l = (
+        str(env / "targets/t0.nii.gz"),
+        str(env / "ctx/c0_image.nii.gz"),
+        str(env / "ctx/c0_label.nii.gz"),
+    )
     c0 = nib.load(c0i)
     shp, A = c0.shape, c0.affine
     notnii = tmp / "junk.nii.gz"
@@ -170,34 +307,85 @@ def _bad_cases(env: Path, tmp: Path):
         "missing target": (["--target", str(tmp / "nope.nii.gz"), "--context", c0i, c0l], 3, "not found"),
         "unreadable target": (["--target", str(notnii), "--context", c0i, c0l], 3, "cannot read"),
         "missing context label": (["--target", t0, "--context", c0i, str(tmp / "x.nii.gz")], 3, "not found"),
-        "shape mismatch": (["--target", t0, "--context", c0i, _write(tmp / "s.nii.gz", np.ones((5, 5, 5), np.uint8), A)],
-                           4, "shape"),
-        "affine mismatch": (["--target", t0, "--context", c0i, _write(tmp / "a.nii.gz", np.asarray(
-            nib.load(c0l).dataobj), A @ np.diag([1, 1, 1.5, 1]))], 4, "affines"),
-        "4D target": (["--target", _write(tmp / "4d.nii.gz", np.ones((6, 6, 6, 2), np.float32)), "--context", c0i, c0l],
-                      4, "3D"),
+        "shape mismatch": (
+            ["--target", t0, "--context", c0i, _write(tmp / "s.nii.gz", np.ones((5, 5, 5), np.uint8), A)],
+            4,
+            "shape",
+        ),
+        "affine mismatch": (
+            [
+                "--target",
+                t0,
+                "--context",
+                c0i,
+                _write(tmp / "a.nii.gz", np.asarray(nib.load(c0l).dataobj), A @ np.diag([1, 1, 1.5, 1])),
+            ],
+            4,
+            "affines",
+        ),
+        "4D target": (
+            ["--target", _write(tmp / "4d.nii.gz", np.ones((6, 6, 6, 2), np.float32)), "--context", c0i, c0l],
+            4,
+            "3D",
+        ),
         "empty label": (["--target", t0, "--context", c0i, _write(tmp / "e.nii.gz", empty, A)], 5, "empty"),
-        "non-binary label": (["--target", t0, "--context", c0i, _write(tmp / "m.nii.gz", multi, A)], 5, "binary"),
-        "float label": (["--target", t0, "--context", c0i, _write(tmp / "f.nii.gz", np.full(shp, 0.5, np.float32), A)],
-                        5, "non-integer"),
+        "non-binary label": (
+            ["--target", t0, "--context", c0i, _write(tmp / "m.nii.gz", multi, A)],
+            5,
+            "binary",
+        ),
+        "float label": (
+            ["--target", t0, "--context", c0i, _write(tmp / "f.nii.gz", np.full(shp, 0.5, np.float32), A)],
+            5,
+            "non-integer",
+        ),
         "absent label value": (["--target", t0, "--context", c0i, c0l, "--labels", "1,3"], 5, "absent"),
         "zero contexts": (["--target", t0], 6, "no context"),
         "zero contexts (csv)": (["--target", t0, "--contexts", str(csv_empty)], 6, "no context"),
-        "model not a checkpoint": (["--target", t0, "--context", c0i, c0l, "--model", str(txt)], 7, "not a checkpoint"),
-        "missing model": (["--target", t0, "--context", c0i, c0l, "--model", str(tmp / "m.ckpt")], 7, "not found"),
-        "output folder missing": (["--target", t0, "--context", c0i, c0l, "--out", str(tmp / "no/dir/o.nii.gz")],
-                                  8, "does not exist"),
+        "model not a checkpoint": (
+            ["--target", t0, "--context", c0i, c0l, "--model", str(txt)],
+            7,
+            "not a checkpoint",
+        ),
+        "missing model": (
+            ["--target", t0, "--context", c0i, c0l, "--model", str(tmp / "m.ckpt")],
+            7,
+            "not found",
+        ),
+        "output folder missing": (
+            ["--target", t0, "--context", c0i, c0l, "--out", str(tmp / "no/dir/o.nii.gz")],
+            8,
+            "does not exist",
+        ),
         "output overwrites input": (["--target", t0, "--context", c0i, c0l, "--out", t0], 8, "overwrite"),
         "bad grid": (["--target", t0, "--context", c0i, c0l, "--grid", "30"], 2, "multiples of 16"),
         "bad option": (["--target", t0, "--context", c0i, c0l, "--mini-context", "zero"], 2, "mini-context"),
     }, model
 
 
-@pytest.mark.parametrize("case", [
-    "missing target", "unreadable target", "missing context label", "shape mismatch", "affine mismatch", "4D target",
-    "empty label", "non-binary label", "float label", "absent label value", "zero contexts", "zero contexts (csv)",
-    "model not a checkpoint", "missing model", "output folder missing", "output overwrites input", "bad grid",
-    "bad option"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing target",
+        "unreadable target",
+        "missing context label",
+        "shape mismatch",
+        "affine mismatch",
+        "4D target",
+        "empty label",
+        "non-binary label",
+        "float label",
+        "absent label value",
+        "zero contexts",
+        "zero contexts (csv)",
+        "model not a checkpoint",
+        "missing model",
+        "output folder missing",
+        "output overwrites input",
+        "bad grid",
+        "bad option",
+    ],
+)
 def test_bad_input(env, tmp_path, capsys, case):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -222,8 +410,22 @@ def test_bad_input(env, tmp_path, capsys, case):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_cuda_unavailable(env, tmp_path, capsys):
-    rc = main(["predict", "--target", str(env / "targets/t0.nii.gz"), *_ctx_args(env), "--model",
-               str(env / "tiny.safetensors"), "--out", str(tmp_path / "o.nii.gz"), "--grid", "32", "--device", "cuda"])
+    rc = main(
+        [
+            "predict",
+            "--target",
+            str(env / "targets/t0.nii.gz"),
+            *_ctx_args(env),
+            "--model",
+            str(env / "tiny.safetensors"),
+            "--out",
+            str(tmp_path / "o.nii.gz"),
+            "--grid",
+            "32",
+            "--device",
+            "cuda",
+        ]
+    )
     assert rc == 9 and "CUDA is not available" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -233,9 +435,22 @@ def test_console_script(env, tmp_path):
     cmd = [exe] if exe else [sys.executable, "-m", "vicl_fast.cli"]
     info = subprocess.run([*cmd, "info"], capture_output=True, text=True, timeout=120)
     assert info.returncode == 0 and "cpp" in info.stdout
-    bad = subprocess.run([*cmd, "predict", "--target", str(tmp_path / "none.nii.gz"), *_ctx_args(env), "--model",
-                          str(env / "tiny.safetensors"), "--out", str(tmp_path / "o.nii.gz")],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            *cmd,
+            "predict",
+            "--target",
+            str(tmp_path / "none.nii.gz"),
+            *_ctx_args(env),
+            "--model",
+            str(env / "tiny.safetensors"),
+            "--out",
+            str(tmp_path / "o.nii.gz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 3
     assert bad.stderr.strip().startswith("vicl-fast: error: target file not found")
     assert "Traceback" not in bad.stderr and list(tmp_path.iterdir()) == []

@@ -1,4 +1,5 @@
 """The embedded demo MRI: contents, labels, licence, loader options."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +26,14 @@ def test_files_small_and_licensed():
     assert [f.name for f in files] == ["demo_colin27.npz", "demo_icbm152.npz"]
     assert sum(f.stat().st_size for f in files) < 5e6
     lic = (DATA / "LICENSE-DATA.txt").read_text()
-    for needle in ("Louis Collins", "McGill University", "ICBM152", "Colin27", "Tzourio-Mazoyer", "BSD-3-clause"):
+    for needle in (
+        "Louis Collins",
+        "McGill University",
+        "ICBM152",
+        "Colin27",
+        "Tzourio-Mazoyer",
+        "BSD-3-clause",
+    ):
         assert needle in lic
 
 
@@ -72,7 +80,7 @@ def test_resize_and_augmented_copies():
 
 def test_write_demo_nifti(tmp_path):
     subs = load_demo_subjects(names=["colin27"], size=32)
-    (ip, lp), = write_demo_nifti(tmp_path, label="lobes", subjects=subs)
+    ((ip, lp),) = write_demo_nifti(tmp_path, label="lobes", subjects=subs)
     img, lab = nib.load(str(ip)), nib.load(str(lp))
     assert img.shape == lab.shape == (32, 32, 32)
     assert np.allclose(img.affine, subs[0].affine)

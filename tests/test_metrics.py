@@ -1,4 +1,5 @@
 """Metrics against independent references (scikit-image, numpy formulas) and the evaluation protocol."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,13 +7,21 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from vicl_fast.data.metrics import (copy_prompt_predict, dice, dice_per_label, evaluate_protocol, psnr, ssim,
-                                    task_metric)
+from vicl_fast.data.metrics import (
+    copy_prompt_predict,
+    dice,
+    dice_per_label,
+    evaluate_protocol,
+    psnr,
+    ssim,
+    task_metric,
+)
 
 
 def _sk_ssim(a, b, **kw):
-    return structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                 use_sample_covariance=False, **kw)
+    return structural_similarity(
+        a, b, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, **kw
+    )
 
 
 def test_dice_hand_values_and_random():
@@ -76,7 +85,9 @@ def test_evaluation_protocol_and_copy_baseline():
         seen.append(cin.shape[0])
         return (tin > 0.5).astype(np.float32)
 
-    res = evaluate_protocol(oracle, pairs, pairs, task_metric("seg"), n_context=2, n_repeats=4, exclude_self=True)
+    res = evaluate_protocol(
+        oracle, pairs, pairs, task_metric("seg"), n_context=2, n_repeats=4, exclude_self=True
+    )
     assert res.scores.shape == (5, 4) and res.mean == 1.0 and res.std == 0.0 and res.prompt_std == 0.0
     assert set(seen) == {2}
 
@@ -84,8 +95,9 @@ def test_evaluation_protocol_and_copy_baseline():
         assert not any(np.array_equal(tin, c) for c in cin)
         return copy_prompt_predict(tin, cin, cout)
 
-    res = evaluate_protocol(checks_self, pairs, pairs, task_metric("seg"), n_context=1, n_repeats=6, seed=1,
-                            exclude_self=True)
+    res = evaluate_protocol(
+        checks_self, pairs, pairs, task_metric("seg"), n_context=1, n_repeats=6, seed=1, exclude_self=True
+    )
     # Copy baseline on independent random masks: Dice ~ 0.5, varying with the drawn prompt.
     assert 0.4 < res.mean < 0.6 and res.std > 0 and res.prompt_std > 0
     per_repeat = res.scores.mean(0)

@@ -1,4 +1,5 @@
 """Preprocessing (canonical, spacing, fit, percentiles) and its inverse; NIfTI I/O."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,14 @@ import nibabel as nib
 
 from vicl_fast.data.io import BadImageError, OutputError, UnreadableFileError, load_nifti, save_nifti
 from vicl_fast.data.metrics import dice
-from vicl_fast.data.preprocess import (check_grid, normalize_intensity, plan_grid, preprocess_image,
-                                       preprocess_label, to_original)
+from vicl_fast.data.preprocess import (
+    check_grid,
+    normalize_intensity,
+    plan_grid,
+    preprocess_image,
+    preprocess_label,
+    to_original,
+)
 
 
 def _oblique_affine(zooms=(0.9, 1.3, 3.0), angles=(20, -35, 110), origin=(10.0, -20.0, 5.0)) -> np.ndarray:
@@ -81,7 +88,9 @@ def test_written_output_has_original_grid_and_header(tmp_path):
     src.set_sform(A, code=2)
     vol, m = preprocess_image(src, spacing=2.0, grid=32)
     glab, _ = preprocess_label(nib.Nifti1Image(lab, A), mapping=m)
-    out = save_nifti(to_original(glab, m, "label").astype(np.uint8), A, tmp_path / "seg.nii.gz", header=src.header)
+    out = save_nifti(
+        to_original(glab, m, "label").astype(np.uint8), A, tmp_path / "seg.nii.gz", header=src.header
+    )
     back = nib.load(str(out))
     assert back.shape == src.shape
     assert np.allclose(back.affine, src.affine, atol=1e-5)
@@ -106,7 +115,9 @@ def test_orientation_invariance():
     # Permuted axes (z, x, y storage).
     P = np.zeros((4, 4))
     P[0, 1] = P[1, 2] = P[2, 0] = P[3, 3] = 1.0
-    perm, _ = preprocess_image(nib.Nifti1Image(np.transpose(img, (2, 0, 1)).copy(), A @ P), spacing=1.5, grid=48)
+    perm, _ = preprocess_image(
+        nib.Nifti1Image(np.transpose(img, (2, 0, 1)).copy(), A @ P), spacing=1.5, grid=48
+    )
     np.testing.assert_allclose(perm, ref, atol=1e-5)
 
 
@@ -128,7 +139,9 @@ def test_normalize_intensity_matches_quantiles():
     q2, q98 = np.quantile(x, [0.02, 0.98])
     assert (lo, hi) == pytest.approx((q2, q98))
     np.testing.assert_allclose(out, np.clip((x - q2) / (q98 - q2), 0, 1), rtol=1e-6, atol=1e-6)
-    assert (out == 0).mean() == pytest.approx(0.02, abs=0.002) and (out == 1).mean() == pytest.approx(0.02, abs=0.002)
+    assert (out == 0).mean() == pytest.approx(0.02, abs=0.002) and (out == 1).mean() == pytest.approx(
+        0.02, abs=0.002
+    )
     z, _ = normalize_intensity(np.full((4, 4, 4), 7.0))
     assert not z.any()
 
@@ -168,6 +181,6 @@ def test_save_nifti_atomic_on_failure(tmp_path):
         save_nifti(np.zeros((2, 2, 2)), np.eye(4), tmp_path / "nope" / "x.nii.gz")
 
     # A failure inside the writer (unsupported dtype) leaves no partial or temporary file.
-    with pytest.raises(Exception):
+    with pytest.raises(nib.spatialimages.HeaderDataError):
         save_nifti(np.zeros((2, 2, 2), dtype=object), np.eye(4), tmp_path / "y.nii.gz")
     assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,5 @@
-"""Task synthesis (3D Neuroverse3D families, 2D RandP tasks) and augmentation: the documented corruption is measured back."""
+"""Task synthesis (3D Neuroverse3D, 2D RandP) and augmentation: each corruption is measured back."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,9 @@ def subjects():
 
 def _smooth(shape, seed=0):
     rng = np.random.default_rng(seed)
-    return np.clip(ndimage.gaussian_filter(rng.random(shape), 2.0) * 3 - 1, 0, 1).astype(np.float32) * 0.8 + 0.1
+    return (
+        np.clip(ndimage.gaussian_filter(rng.random(shape), 2.0) * 3 - 1, 0, 1).astype(np.float32) * 0.8 + 0.1
+    )
 
 
 def test_gaussian_noise_sigma_measured_back():
@@ -90,7 +93,9 @@ def test_super_resolution_shapes_and_block_means():
     ref_low = xp.reshape(17, 2, 16, 2, 15, 2).mean((1, 3, 5))
     np.testing.assert_allclose(low, ref_low, atol=1e-6)
     # A linear ramp is reproduced exactly in the interior (block means + trilinear interpolation).
-    ramp = np.add.outer(np.add.outer(np.arange(16.0), 2 * np.arange(16.0)), -np.arange(16.0)).astype(np.float32)
+    ramp = np.add.outer(np.add.outer(np.arange(16.0), 2 * np.arange(16.0)), -np.arange(16.0)).astype(
+        np.float32
+    )
     up, _ = t3.downsample_upsample(ramp, 2)
     np.testing.assert_allclose(up[2:-2, 2:-2, 2:-2], ramp[2:-2, 2:-2, 2:-2], atol=1e-4)
 
@@ -152,8 +157,9 @@ def test_task_overlap_and_episode(subjects):
     rng = np.random.default_rng(11)
     spec = t3.sample_task(subjects, rng, family="gaussian_noise", overlay_p=1.0)
     assert set(spec.overlays) == set(t3.OVERLAY_FAMILIES) - {"gaussian_noise"}
-    ep = t3.sample_episode(subjects, rng, n_context=3, spec=t3.sample_task(subjects, rng, family="segmentation",
-                                                                           classes=None))
+    ep = t3.sample_episode(
+        subjects, rng, n_context=3, spec=t3.sample_task(subjects, rng, family="segmentation", classes=None)
+    )
     assert ep.target_in.shape == (1, 32, 32, 32) and ep.context_in.shape == (3, 1, 32, 32, 32)
     assert ep.context_out.shape == (3, 1, 32, 32, 32) and len(ep.names) == 4
     # Grouped classes are shared by every pair of the episode.

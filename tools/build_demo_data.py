@@ -34,6 +34,7 @@ Labels per subject (uint8 maps on the same grid):
 Run (about 20 s):  python tools/build_demo_data.py [--wheel nilearn-0.14.1-py3-none-any.whl]
 The output is deterministic (no randomness; fixed zip timestamps).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,13 @@ def to_grid(img: nib.Nifti1Image, order: int, antialias: bool = True) -> np.ndar
 
 def _image_u8(img: nib.Nifti1Image) -> np.ndarray:
     norm, _ = normalize_intensity(np.asanyarray(img.dataobj))
-    vol = resample(norm, np.linalg.inv(np.asarray(img.affine, np.float64)) @ grid_affine(), (GRID,) * 3,
-                   order=1, antialias=True)
+    vol = resample(
+        norm,
+        np.linalg.inv(np.asarray(img.affine, np.float64)) @ grid_affine(),
+        (GRID,) * 3,
+        order=1,
+        antialias=True,
+    )
     return np.clip(np.rint(vol * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -106,9 +112,15 @@ def build_icbm(wheel_path: Path, aal: np.ndarray, brodmann: np.ndarray) -> dict[
     tissue[tis & (gm_p >= wm_p)] = 1
     tissue[tis & (wm_p > gm_p)] = 2
     tissue *= brain
-    return {"image": image, "brain": brain, "head": brain.copy(), "tissue": tissue,
-            "aal": (aal * brain).astype(np.uint8), "brodmann": (brodmann * brain).astype(np.uint8),
-            "has_skull": np.array(False)}
+    return {
+        "image": image,
+        "brain": brain,
+        "head": brain.copy(),
+        "tissue": tissue,
+        "aal": (aal * brain).astype(np.uint8),
+        "brodmann": (brodmann * brain).astype(np.uint8),
+        "has_skull": np.array(False),
+    }
 
 
 def build_colin(src: Path, aal: np.ndarray, brodmann: np.ndarray) -> dict[str, np.ndarray]:
@@ -125,8 +137,15 @@ def build_colin(src: Path, aal: np.ndarray, brodmann: np.ndarray) -> dict[str, n
     tissue = np.zeros_like(image)
     tissue[brain.astype(bool) & (bet_g > t1) & (bet_g <= t2)] = 1
     tissue[brain.astype(bool) & (bet_g > t2)] = 2
-    return {"image": image, "brain": brain, "head": head, "tissue": tissue, "aal": aal, "brodmann": brodmann,
-            "has_skull": np.array(True)}
+    return {
+        "image": image,
+        "brain": brain,
+        "head": head,
+        "tissue": tissue,
+        "aal": aal,
+        "brodmann": brodmann,
+        "has_skull": np.array(True),
+    }
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> str:
@@ -157,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     tmpdir = None
     if wheel is None:
         tmpdir = tempfile.TemporaryDirectory()
-        subprocess.run([sys.executable, "-m", "pip", "download", "nilearn==0.14.1", "--no-deps", "-d", tmpdir.name],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "nilearn==0.14.1", "--no-deps", "-d", tmpdir.name],
+            check=True,
+        )
         wheel = next(Path(tmpdir.name).glob("nilearn-0.14.1-*.whl"))
 
     aal = to_grid(nib.load(str(src / "aal.nii.gz")), 0).astype(np.uint8)
@@ -167,11 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     common = {"affine": grid_affine(), "aal_names": np.array(names)}
 
     subjects = {
-        "icbm152": {**build_icbm(wheel, aal, brod), **common,
-                    "source": np.array("ICBM152 2009a sym T1 + GM/WM maps (nilearn 0.14.1 wheel); "
-                                       "AAL/Brodmann read at MNI coordinates")},
-        "colin27": {**build_colin(src, aal, brod), **common,
-                    "source": np.array("Colin27 ch2/ch2bet + AAL/Brodmann (Debian mricron-data)")},
+        "icbm152": {
+            **build_icbm(wheel, aal, brod),
+            **common,
+            "source": np.array(
+                "ICBM152 2009a sym T1 + GM/WM maps (nilearn 0.14.1 wheel); "
+                "AAL/Brodmann read at MNI coordinates"
+            ),
+        },
+        "colin27": {
+            **build_colin(src, aal, brod),
+            **common,
+            "source": np.array("Colin27 ch2/ch2bet + AAL/Brodmann (Debian mricron-data)"),
+        },
     }
     total = 0
     for name, arrays in subjects.items():
@@ -180,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         size = path.stat().st_size
         total += size
         counts = {k: int(arrays[k].astype(bool).sum()) for k in ("brain", "head")}
-        print(f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}: {size / 1e6:.2f} MB "
-              f"sha256 {digest[:16]} voxels {counts} tissue {np.bincount(arrays['tissue'].ravel()).tolist()}")
+        print(
+            f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}: {size / 1e6:.2f} MB "
+            f"sha256 {digest[:16]} voxels {counts} tissue {np.bincount(arrays['tissue'].ravel()).tolist()}"
+        )
     print(f"total {total / 1e6:.2f} MB")
     if tmpdir is not None:
         tmpdir.cleanup()

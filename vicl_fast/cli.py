@@ -36,6 +36,7 @@ Exit codes (each with a one-line ``vicl-fast: error: ...`` on stderr):
 Subcommands are registered in :data:`COMMANDS`; ``train`` is added there by
 the training code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,14 +49,34 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from vicl_fast.data.io import (BadImageError, BadLabelError, BadModelError, DeviceError, InputError,
-                               NoContextError, OutputError, UnreadableFileError, check_same_grid, is_nifti_path,
-                               load_nifti, nifti_stem, save_nifti)
+from vicl_fast.data.io import (
+    BadLabelError,
+    BadModelError,
+    DeviceError,
+    InputError,
+    NoContextError,
+    OutputError,
+    UnreadableFileError,
+    check_same_grid,
+    is_nifti_path,
+    load_nifti,
+    nifti_stem,
+    save_nifti,
+)
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 10, 130
 
-__all__ = ["main", "build_parser", "COMMANDS", "load_model", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE",
-           "EXIT_OOM", "EXIT_INTERRUPTED"]
+__all__ = [
+    "main",
+    "build_parser",
+    "COMMANDS",
+    "load_model",
+    "EXIT_OK",
+    "EXIT_INTERNAL",
+    "EXIT_USAGE",
+    "EXIT_OOM",
+    "EXIT_INTERRUPTED",
+]
 
 
 class _UsageError(Exception):
@@ -69,8 +90,11 @@ class _Parser(argparse.ArgumentParser):
 
 # --------------------------------------------------------------------------- inputs
 
+
 def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p) and not p.name.startswith("."))
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and is_nifti_path(p) and not p.name.startswith(".")
+    )
 
 
 def _case_id(path: Path) -> str:
@@ -94,8 +118,9 @@ def _pairs_from_csv(path: Path) -> list[tuple[Path, Path]]:
         if len(r) < 2:
             raise UnreadableFileError(f"contexts CSV {path} row {n}: expected 'image,label', got {r}")
         img, lab = (Path(c.strip()) for c in r[:2])
-        pairs.append((img if img.is_absolute() else path.parent / img,
-                      lab if lab.is_absolute() else path.parent / lab))
+        pairs.append(
+            (img if img.is_absolute() else path.parent / img, lab if lab.is_absolute() else path.parent / lab)
+        )
     return pairs
 
 
@@ -109,7 +134,9 @@ def _pairs_from_folder(folder: Path) -> list[tuple[Path, Path]]:
             for img in _nifti_files(folder / a):
                 cid = _case_id(img)
                 if cid not in labels:
-                    raise UnreadableFileError(f"context image {img} has no label {folder / b / (cid + '.nii.gz')}")
+                    raise UnreadableFileError(
+                        f"context image {img} has no label {folder / b / (cid + '.nii.gz')}"
+                    )
                 pairs.append((img, labels[cid]))
             return pairs
     files = _nifti_files(folder)
@@ -117,8 +144,10 @@ def _pairs_from_folder(folder: Path) -> list[tuple[Path, Path]]:
     labs = {nifti_stem(p)[: -len("_label")]: p for p in files if nifti_stem(p).endswith("_label")}
     missing = sorted(set(imgs) ^ set(labs))
     if missing:
-        raise UnreadableFileError(f"contexts folder {folder}: unpaired case(s) {missing}; each case needs "
-                                  "<case>_image.nii.gz and <case>_label.nii.gz")
+        raise UnreadableFileError(
+            f"contexts folder {folder}: unpaired case(s) {missing}; each case needs "
+            "<case>_image.nii.gz and <case>_label.nii.gz"
+        )
     return [(imgs[k], labs[k]) for k in sorted(imgs)]
 
 
@@ -130,8 +159,10 @@ def _collect_contexts(args: argparse.Namespace) -> list[tuple[Path, Path]]:
             raise UnreadableFileError(f"--contexts {src} not found (expected a folder or a CSV file)")
         pairs += _pairs_from_folder(src) if src.is_dir() else _pairs_from_csv(src)
     if not pairs:
-        raise NoContextError("no context pairs: give at least one --context IMAGE LABEL, or --contexts "
-                             "FOLDER|CSV (in-context inference needs examples of the task)")
+        raise NoContextError(
+            "no context pairs: give at least one --context IMAGE LABEL, or --contexts "
+            "FOLDER|CSV (in-context inference needs examples of the task)"
+        )
     return pairs
 
 
@@ -151,7 +182,9 @@ def _parse_labels(spec: str | None) -> list[int] | str | None:
     try:
         vals = sorted({int(v) for v in spec.split(",") if v.strip()})
     except ValueError:
-        raise _UsageError(f"--labels must be 'all' or comma-separated integers like '1,2,5', got {spec!r}") from None
+        raise _UsageError(
+            f"--labels must be 'all' or comma-separated integers like '1,2,5', got {spec!r}"
+        ) from None
     if not vals or min(vals) < 1:
         raise _UsageError(f"--labels values must be positive integers (0 is background), got {spec!r}")
     return vals
@@ -176,14 +209,20 @@ def _load_contexts(pairs: Sequence[tuple[Path, Path]], task: str) -> list[_Conte
         if task == "seg":
             data = np.asanyarray(lab.dataobj)
             if np.issubdtype(data.dtype, np.floating) and not np.all(np.mod(data, 1) == 0):
-                raise BadLabelError(f"context label {i} ({lp}) has non-integer values; a label map must "
-                                    "hold integer classes (did you pass an image as label, or use --task gen?)")
+                raise BadLabelError(
+                    f"context label {i} ({lp}) has non-integer values; a label map must "
+                    "hold integer classes (did you pass an image as label, or use --task gen?)"
+                )
             vals = np.unique(data).astype(np.int64)
             if np.any(vals < 0):
-                raise BadLabelError(f"context label {i} ({lp}) has negative values {vals[vals < 0][:5].tolist()}")
+                raise BadLabelError(
+                    f"context label {i} ({lp}) has negative values {vals[vals < 0][:5].tolist()}"
+                )
             if not np.any(vals > 0):
-                raise BadLabelError(f"context label {i} ({lp}) is empty (all zeros); every context needs the "
-                                    "structure to be segmented, or drop that pair")
+                raise BadLabelError(
+                    f"context label {i} ({lp}) is empty (all zeros); every context needs the "
+                    "structure to be segmented, or drop that pair"
+                )
         out.append(_Context(ip, lp, img, lab, vals))
     return out
 
@@ -194,17 +233,20 @@ def _resolve_labels(contexts: Sequence[_Context], requested: list[int] | str | N
             extra = sorted(set(c.values.tolist()) - {0, 1})
             if extra:
                 raise BadLabelError(
-                    f"context label {i} ({c.label_path.name}) has values {sorted(set(c.values.tolist()))[:8]} "
+                    f"context label {i} ({c.label_path.name}) has values {c.values.tolist()[:8]} "
                     "but a binary task needs 0/1 labels; pass --labels all (one output class per value) "
-                    f"or --labels {extra[0]} (that value only)")
+                    f"or --labels {extra[0]} (that value only)"
+                )
         return [1]
     if requested == "all":
         return sorted(set().union(*[set(c.values.tolist()) for c in contexts]) - {0})
     for v in requested:
         for i, c in enumerate(contexts, start=1):
             if v not in set(c.values.tolist()):
-                raise BadLabelError(f"label {v} is absent from context label {i} ({c.label_path.name}); "
-                                    "each context must contain every requested label (drop the pair or the label)")
+                raise BadLabelError(
+                    f"label {v} is absent from context label {i} ({c.label_path.name}); "
+                    "each context must contain every requested label (drop the pair or the label)"
+                )
     return list(requested)
 
 
@@ -225,6 +267,7 @@ def _output_paths(targets: Sequence[Path], out: str, batch: bool) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- model
+
 
 def _sniff(path: Path) -> str:
     with open(path, "rb") as f:
@@ -250,8 +293,10 @@ def check_model_file(path: str | os.PathLike) -> str:
     except OSError as exc:
         raise BadModelError(f"cannot read model file {p}: {exc.strerror or exc}") from None
     if kind == "unknown":
-        raise BadModelError(f"{p} is not a checkpoint: expected a vicl_fast .safetensors file or the "
-                            "authors' PyTorch/Lightning .ckpt")
+        raise BadModelError(
+            f"{p} is not a checkpoint: expected a vicl_fast .safetensors file or the "
+            "authors' PyTorch/Lightning .ckpt"
+        )
     return kind
 
 
@@ -277,13 +322,18 @@ def load_model(path: str | os.PathLike, device: str = "cpu", trust_checkpoint: b
         raise
     except Exception as exc:  # safetensors / torch raise many types for broken files
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = " (add --trust-checkpoint for the authors' Lightning file if you trust its source)" \
-            if "trust_checkpoint" in str(exc) else ""
+        hint = (
+            " (add --trust-checkpoint for the authors' Lightning file if you trust its source)"
+            if "trust_checkpoint" in str(exc)
+            else ""
+        )
         raise BadModelError(f"cannot load model {path}: {msg}{hint}") from None
     from vicl_fast.models.neuroverse3d import Neuroverse3D
 
     if not isinstance(model, Neuroverse3D) or getattr(model, "spatial_dims", 3) != 3:
-        raise BadModelError(f"{path} holds a {type(model).__name__}, not a 3D in-context model (neuroverse3d*)")
+        raise BadModelError(
+            f"{path} holds a {type(model).__name__}, not a 3D in-context model (neuroverse3d*)"
+        )
     return model.to(torch.device(device)).float().eval()
 
 
@@ -298,8 +348,10 @@ def _resolve_device(name: str) -> str:
         raise _UsageError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, auto)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
-                              f"CUDA build {torch.version.cuda}); use --device cpu")
+            raise DeviceError(
+                f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda}); use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type != "cpu":
@@ -308,6 +360,7 @@ def _resolve_device(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- predict
+
 
 def _predict(args: argparse.Namespace) -> int:
     import torch
@@ -321,8 +374,9 @@ def _predict(args: argparse.Namespace) -> int:
     try:
         grid = check_grid(args.grid[0] if len(args.grid) == 1 else args.grid)
     except ValueError:
-        raise _UsageError(f"--grid must be positive multiples of 16 (e.g. 128 or 96 128 128), "
-                          f"got {args.grid}") from None
+        raise _UsageError(
+            f"--grid must be positive multiples of 16 (e.g. 128 or 96 128 128), got {args.grid}"
+        ) from None
     if any(s <= 0 for s in args.spacing):
         raise _UsageError(f"--spacing must be positive, got {args.spacing}")
     mini: int | str | None
@@ -333,8 +387,9 @@ def _predict(args: argparse.Namespace) -> int:
             mini = int(args.mini_context)
             assert mini >= 1
         except (ValueError, AssertionError):
-            raise _UsageError(f"--mini-context must be 'auto', 'all' or a positive integer, "
-                              f"got {args.mini_context!r}") from None
+            raise _UsageError(
+                f"--mini-context must be 'auto', 'all' or a positive integer, got {args.mini_context!r}"
+            ) from None
     requested = _parse_labels(args.labels)
     if args.task == "gen" and requested is not None:
         raise _UsageError("--labels applies to --task seg only")
@@ -372,8 +427,10 @@ def _predict(args: argparse.Namespace) -> int:
         for ci, lab in enumerate(ctx_lab, start=1):
             for v in labels:
                 if not np.any(lab == v):
-                    raise BadLabelError(f"label {v} of context {ci} vanishes on the model grid (structure smaller "
-                                        f"than a voxel at --spacing {args.spacing}); use a finer --spacing/--grid")
+                    raise BadLabelError(
+                        f"label {v} of context {ci} vanishes on the model grid (structure smaller "
+                        f"than a voxel at --spacing {args.spacing}); use a finer --spacing/--grid"
+                    )
     ci_t = torch.from_numpy(np.stack(ctx_in))[None, :, None]  # (1, L, 1, *G)
 
     model = load_model(args.model, device, trust_checkpoint=args.trust_checkpoint)
@@ -383,10 +440,16 @@ def _predict(args: argparse.Namespace) -> int:
 
     # 4) Run: one forward per label chunk (binary: one), per target.
     chunk = len(labels) if args.label_batch == 0 else max(1, args.label_batch)
-    chunks = [labels[i:i + chunk] for i in range(0, len(labels), chunk)] if labels else [[]]
-    bar = tqdm(total=len(targets) * len(chunks), desc="vicl-fast predict", unit="pass",
-               disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
-    for tpath, timg, opath in zip(targets, target_imgs, outs):
+    chunks = [labels[i : i + chunk] for i in range(0, len(labels), chunk)] if labels else [[]]
+    bar = tqdm(
+        total=len(targets) * len(chunks),
+        desc="vicl-fast predict",
+        unit="pass",
+        disable=args.quiet,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    for timg, opath in zip(target_imgs, outs):
         tv, tm = preprocess_image(timg, spacing=spacing, grid=grid)
         probs = []
         for ch in chunks:
@@ -394,8 +457,9 @@ def _predict(args: argparse.Namespace) -> int:
             t = torch.from_numpy(tv)[None, None].expand(B, 1, *grid).contiguous().to(dev)
             cin = ci_t.expand(B, *ci_t.shape[1:])
             if args.task == "seg":
-                co = torch.from_numpy(np.stack([np.stack([(lab == v) for lab in ctx_lab]) for v in ch])
-                                      .astype(np.float32))[:, :, None]
+                co = torch.from_numpy(
+                    np.stack([np.stack([(lab == v) for lab in ctx_lab]) for v in ch]).astype(np.float32)
+                )[:, :, None]
             else:
                 co = torch.from_numpy(np.stack(ctx_lab))[None, :, None]
             y = model.predict(t, cin, co, l=mini)
@@ -438,6 +502,7 @@ def _preview_path(arg: str, out: Path, batch: bool) -> Path:
 
 # --------------------------------------------------------------------------- parser
 
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import vicl_fast
 
@@ -446,37 +511,78 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="in-context segmentation / generation of NIfTI volumes",
-                       description="Predict the target's label (seg) or restored image (gen) from context pairs; "
-                                   "the output is written on the target's voxel grid.")
-    p.add_argument("--target", required=True, help="target scan (.nii/.nii.gz), or a folder of them (batch mode)")
-    p.add_argument("--context", nargs=2, action="append", metavar=("IMAGE", "LABEL"),
-                   help="one context pair; repeat for more")
-    p.add_argument("--contexts", metavar="FOLDER|CSV",
-                   help="context pairs: CSV 'image,label' rows (paths relative to the CSV), a folder with "
-                        "images/ + labels/ (or imagesTr/ + labelsTr/), or <case>_image/<case>_label files")
-    p.add_argument("--task", choices=("seg", "gen"), default="seg",
-                   help="seg: labels are label maps, output a label map; gen: labels are images (default seg)")
-    p.add_argument("--model", required=True,
-                   help="checkpoint: ours (.safetensors, vicl_fast.checkpoint) or the authors' (.ckpt)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow unpickling the authors' Lightning checkpoint (runs code from the file: only "
-                        "for files from a source you trust)")
+    p = sub.add_parser(
+        "predict",
+        help="in-context segmentation / generation of NIfTI volumes",
+        description="Predict the target's label (seg) or restored image (gen) from context pairs; "
+        "the output is written on the target's voxel grid.",
+    )
+    p.add_argument(
+        "--target", required=True, help="target scan (.nii/.nii.gz), or a folder of them (batch mode)"
+    )
+    p.add_argument(
+        "--context",
+        nargs=2,
+        action="append",
+        metavar=("IMAGE", "LABEL"),
+        help="one context pair; repeat for more",
+    )
+    p.add_argument(
+        "--contexts",
+        metavar="FOLDER|CSV",
+        help="context pairs: CSV 'image,label' rows (paths relative to the CSV), a folder with "
+        "images/ + labels/ (or imagesTr/ + labelsTr/), or <case>_image/<case>_label files",
+    )
+    p.add_argument(
+        "--task",
+        choices=("seg", "gen"),
+        default="seg",
+        help="seg: labels are label maps, output a label map; gen: labels are images (default seg)",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint: ours (.safetensors, vicl_fast.checkpoint) or the authors' (.ckpt)",
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow unpickling the authors' Lightning checkpoint (runs code from the file: only "
+        "for files from a source you trust)",
+    )
     p.add_argument("--out", required=True, help="output .nii.gz (single target) or folder (batch mode)")
     p.add_argument("--labels", help="multi-label seg: 'all' or '1,2,5'; default: binary 0/1 labels required")
-    p.add_argument("--label-batch", type=int, default=1,
-                   help="labels per forward pass (0 = all labels in one batched pass); default 1")
-    p.add_argument("--mini-context", default="auto",
-                   help="APSP mini-context size: 'auto' (fits free memory), 'all', or N (default auto)")
+    p.add_argument(
+        "--label-batch",
+        type=int,
+        default=1,
+        help="labels per forward pass (0 = all labels in one batched pass); default 1",
+    )
+    p.add_argument(
+        "--mini-context",
+        default="auto",
+        help="APSP mini-context size: 'auto' (fits free memory), 'all', or N (default auto)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    p.add_argument("--grid", type=int, nargs="+", default=[128], help="model grid, multiples of 16 (default 128)")
+    p.add_argument(
+        "--grid", type=int, nargs="+", default=[128], help="model grid, multiples of 16 (default 128)"
+    )
     p.add_argument("--spacing", type=float, nargs="+", default=[1.0], help="resampling in mm (default 1.0)")
     p.add_argument("--threshold", type=float, default=0.5, help="seg: foreground threshold (default 0.5)")
-    p.add_argument("--output-intensity", choices=("unit", "target"), default="unit",
-                   help="gen: write [0, 1] (unit) or rescale to the target's 2-98 percentile range (target)")
-    p.add_argument("--preview", nargs="?", const="", metavar="PNG",
-                   help="write a PNG preview (three slices with overlay); default name <out>.png; "
-                        "a folder in batch mode")
+    p.add_argument(
+        "--output-intensity",
+        choices=("unit", "target"),
+        default="unit",
+        help="gen: write [0, 1] (unit) or rescale to the target's 2-98 percentile range (target)",
+    )
+    p.add_argument(
+        "--preview",
+        nargs="?",
+        const="",
+        metavar="PNG",
+        help="write a PNG preview (three slices with overlay); default name <out>.png; "
+        "a folder in batch mode",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(func=_predict)
 
@@ -494,10 +600,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``vicl-fast`` argument parser (subcommands from :data:`COMMANDS`)."""
     from vicl_fast import __version__
 
-    parser = _Parser(prog="vicl-fast", description="Fast medical visual in-context learning.",
-                     epilog="Exit codes: 0 ok, 1 internal, 2 usage, 3 missing/unreadable file, 4 bad image, "
-                            "5 bad label, 6 no contexts, 7 bad model, 8 output, 9 device, 10 out of memory, "
-                            "130 interrupted.")
+    parser = _Parser(
+        prog="vicl-fast",
+        description="Fast medical visual in-context learning.",
+        epilog="Exit codes: 0 ok, 1 internal, 2 usage, 3 missing/unreadable file, 4 bad image, "
+        "5 bad label, 6 no contexts, 7 bad model, 8 output, 9 device, 10 out of memory, "
+        "130 interrupted.",
+    )
     parser.add_argument("--version", action="version", version=f"vicl-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in COMMANDS:

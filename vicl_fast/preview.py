@@ -5,6 +5,7 @@ axial and coronal views, anterior up in the axial view, superior up otherwise),
 with each slice stretched to its physical aspect ratio from the voxel sizes.
 Only numpy and Pillow are used (no matplotlib).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,10 +21,12 @@ __all__ = ["label_colors", "render_preview", "save_preview"]
 
 
 def label_colors(n: int) -> np.ndarray:
-    """``n`` distinct RGB colours (uint8, (n, 3)) from golden-ratio hue steps; index 0 is unused (background)."""
+    """``n`` distinct RGB colours (uint8, (n, 3)), golden-ratio hue steps; index 0 = background."""
     import colorsys
 
-    rgb = np.array([colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.85, 1.0) for k in range(n)]).reshape(n, 3)
+    rgb = np.array([colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.85, 1.0) for k in range(n)]).reshape(
+        n, 3
+    )
     return (rgb * 255).astype(np.uint8)
 
 
@@ -52,9 +55,15 @@ def _resize(img: np.ndarray, shape: tuple[int, int], nearest: bool) -> np.ndarra
     return np.asarray(Image.fromarray(img, "RGB").resize((shape[1], shape[0]), mode))
 
 
-def render_preview(image: np.ndarray, zooms: Sequence[float] = (1.0, 1.0, 1.0), labels: np.ndarray | None = None,
-                   second: np.ndarray | None = None, centre: Sequence[int] | None = None,
-                   alpha: float = 0.45, height: int = 192) -> np.ndarray:
+def render_preview(
+    image: np.ndarray,
+    zooms: Sequence[float] = (1.0, 1.0, 1.0),
+    labels: np.ndarray | None = None,
+    second: np.ndarray | None = None,
+    centre: Sequence[int] | None = None,
+    alpha: float = 0.45,
+    height: int = 192,
+) -> np.ndarray:
     """Render a preview as an RGB array (rows, cols, 3) uint8.
 
     Args:
@@ -73,8 +82,11 @@ def render_preview(image: np.ndarray, zooms: Sequence[float] = (1.0, 1.0, 1.0), 
         else:
             centre = [s // 2 for s in vol.shape]
     zx, zy, zz = (float(z) for z in zooms)
-    phys = [(vol.shape[2] * zz, vol.shape[1] * zy), (vol.shape[2] * zz, vol.shape[0] * zx),
-            (vol.shape[1] * zy, vol.shape[0] * zx)]
+    phys = [
+        (vol.shape[2] * zz, vol.shape[1] * zy),
+        (vol.shape[2] * zz, vol.shape[0] * zx),
+        (vol.shape[1] * zy, vol.shape[0] * zx),
+    ]
     rows = []
     grey = _window(vol)
     bases = _slices(grey, centre)
@@ -92,8 +104,9 @@ def render_preview(image: np.ndarray, zooms: Sequence[float] = (1.0, 1.0, 1.0), 
                 # Pillow resizes 8-bit or 32-bit integer images; labels > 255 need mode "I".
                 from PIL import Image
 
-                lab = np.asarray(Image.fromarray(over[v].astype(np.int32), "I").resize(
-                    (shape[1], shape[0]), Image.NEAREST)).astype(int)
+                lab = np.asarray(
+                    Image.fromarray(over[v].astype(np.int32), "I").resize((shape[1], shape[0]), Image.NEAREST)
+                ).astype(int)
                 m = lab > 0
                 rgb[m] = (1 - alpha) * rgb[m] + alpha * colors[np.clip(lab[m], 0, len(colors) - 1)]
             tiles.append(rgb.astype(np.uint8))
@@ -102,8 +115,12 @@ def render_preview(image: np.ndarray, zooms: Sequence[float] = (1.0, 1.0, 1.0), 
     return np.concatenate(rows, axis=0)
 
 
-def save_preview(path: str | os.PathLike, image: nib.spatialimages.SpatialImage,
-                 labels: np.ndarray | None = None, second: np.ndarray | None = None) -> None:
+def save_preview(
+    path: str | os.PathLike,
+    image: nib.spatialimages.SpatialImage,
+    labels: np.ndarray | None = None,
+    second: np.ndarray | None = None,
+) -> None:
     """Write a PNG preview (atomic) of a NIfTI ``image`` with an overlay on the same voxel grid.
 
     ``labels`` / ``second`` are arrays on ``image``'s grid; everything is reoriented to the

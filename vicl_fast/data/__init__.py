@@ -11,6 +11,7 @@ Modules (import the one you need; nothing heavy happens at import):
 * :mod:`~vicl_fast.data.metrics` - Dice, PSNR, SSIM (2D/3D), evaluation protocol, copy baseline.
 * :mod:`~vicl_fast.data.demo_data` - the embedded demo heads (two real scans).
 """
+
 from __future__ import annotations
 
 from vicl_fast.data.demo_data import load_demo_subjects, write_demo_nifti
@@ -19,7 +20,20 @@ from vicl_fast.data.preprocess import GridMapping, plan_grid, preprocess_image, 
 from vicl_fast.data.tasks3d import Episode, Subject, TaskSpec, apply_task, sample_episode, sample_task
 
 __all__ = [
-    "load_demo_subjects", "write_demo_nifti", "InputError", "load_nifti", "save_nifti", "GridMapping",
-    "plan_grid", "preprocess_image", "preprocess_label", "to_original", "Episode", "Subject", "TaskSpec",
-    "apply_task", "sample_episode", "sample_task",
+    "load_demo_subjects",
+    "write_demo_nifti",
+    "InputError",
+    "load_nifti",
+    "save_nifti",
+    "GridMapping",
+    "plan_grid",
+    "preprocess_image",
+    "preprocess_label",
+    "to_original",
+    "Episode",
+    "Subject",
+    "TaskSpec",
+    "apply_task",
+    "sample_episode",
+    "sample_task",
 ]

@@ -14,6 +14,7 @@ dependency; MONAI's random transforms seed a legacy ``RandomState`` per
 transform, which would give this module two seeding schemes, so the few
 transforms are written here directly. Works on 2D (H, W) and 3D (D, H, W).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,16 +27,36 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 __all__ = [
-    "PAPER_PROBS", "random_affine_matrix", "random_rotation_matrix", "random_flip_matrix",
-    "elastic_displacement", "apply_spatial", "augment_spatial", "intensity_shift", "intensity_scale",
-    "gaussian_noise", "intensity_inversion", "GinParams", "sample_gin", "apply_gin", "gin",
-    "augment_intensity", "augment_subject",
+    "PAPER_PROBS",
+    "random_affine_matrix",
+    "random_rotation_matrix",
+    "random_flip_matrix",
+    "elastic_displacement",
+    "apply_spatial",
+    "augment_spatial",
+    "intensity_shift",
+    "intensity_scale",
+    "gaussian_noise",
+    "intensity_inversion",
+    "GinParams",
+    "sample_gin",
+    "apply_gin",
+    "gin",
+    "augment_intensity",
+    "augment_subject",
 ]
 
 #: Probabilities of supplement Sec. B.3.
 PAPER_PROBS: dict[str, float] = {
-    "affine": 0.05, "elastic": 0.05, "flip": 0.05, "rotate": 0.05,
-    "shift": 0.2, "scale": 0.2, "noise": 0.1, "invert": 0.05, "gin": 0.05,
+    "affine": 0.05,
+    "elastic": 0.05,
+    "flip": 0.05,
+    "rotate": 0.05,
+    "shift": 0.2,
+    "scale": 0.2,
+    "noise": 0.1,
+    "invert": 0.05,
+    "gin": 0.05,
 }
 
 
@@ -49,7 +70,9 @@ def _centre_about(M: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return H
 
 
-def random_rotation_matrix(rng: np.random.Generator, shape: Sequence[int], max_deg: float = 30.0) -> np.ndarray:
+def random_rotation_matrix(
+    rng: np.random.Generator, shape: Sequence[int], max_deg: float = 30.0
+) -> np.ndarray:
     """Rotation about the centre by up to ``max_deg`` per axis; (n+1, n+1) output->input voxel map."""
     n = len(shape)
     if n == 2:
@@ -60,9 +83,14 @@ def random_rotation_matrix(rng: np.random.Generator, shape: Sequence[int], max_d
     return _centre_about(R, shape)
 
 
-def random_affine_matrix(rng: np.random.Generator, shape: Sequence[int], max_deg: float = 10.0,
-                         scale: tuple[float, float] = (0.9, 1.1), shear: float = 0.05,
-                         translate: float = 0.05) -> np.ndarray:
+def random_affine_matrix(
+    rng: np.random.Generator,
+    shape: Sequence[int],
+    max_deg: float = 10.0,
+    scale: tuple[float, float] = (0.9, 1.1),
+    shear: float = 0.05,
+    translate: float = 0.05,
+) -> np.ndarray:
     """Random rotation x anisotropic scale x shear + translation (fraction of the size); (n+1, n+1)."""
     n = len(shape)
     R = random_rotation_matrix(rng, shape, max_deg)[:n, :n]
@@ -90,8 +118,9 @@ def random_flip_matrix(rng: np.random.Generator, shape: Sequence[int]) -> np.nda
     return H
 
 
-def elastic_displacement(rng: np.random.Generator, shape: Sequence[int], control_points: int = 6,
-                         magnitude: float = 3.0) -> np.ndarray:
+def elastic_displacement(
+    rng: np.random.Generator, shape: Sequence[int], control_points: int = 6, magnitude: float = 3.0
+) -> np.ndarray:
     """Smooth random displacement, (n, *shape) in voxels: cubic upsampling of a coarse Gaussian grid.
 
     ``magnitude`` is the standard deviation (voxels) of the control-point displacements.
@@ -99,12 +128,20 @@ def elastic_displacement(rng: np.random.Generator, shape: Sequence[int], control
     n = len(shape)
     coarse = rng.normal(0.0, magnitude, size=(n,) + (control_points,) * n)
     zoom = [s / control_points for s in shape]
-    return np.stack([ndimage.zoom(c, zoom, order=3, mode="nearest", grid_mode=True)[tuple(slice(0, s) for s in shape)]
-                     for c in coarse])
+    return np.stack(
+        [
+            ndimage.zoom(c, zoom, order=3, mode="nearest", grid_mode=True)[tuple(slice(0, s) for s in shape)]
+            for c in coarse
+        ]
+    )
 
 
-def apply_spatial(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], matrix: np.ndarray | None,
-                  displacement: np.ndarray | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def apply_spatial(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    matrix: np.ndarray | None,
+    displacement: np.ndarray | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Resample ``images`` (linear) and ``labels`` (nearest) at ``matrix @ x + displacement(x)``.
 
     Args:
@@ -129,21 +166,29 @@ def apply_spatial(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], ma
     if displacement is not None:
         coords = coords + displacement.reshape(n, -1)
     coords = coords.reshape((n,) + shape)
-    out_imgs = [ndimage.map_coordinates(np.asarray(im, dtype=np.float64), coords, order=1,
-                                        mode="constant", cval=0.0).astype(np.float32) for im in images]
+    out_imgs = [
+        ndimage.map_coordinates(
+            np.asarray(im, dtype=np.float64), coords, order=1, mode="constant", cval=0.0
+        ).astype(np.float32)
+        for im in images
+    ]
     out_labels = []
     for lab in labels:
         arr = np.asarray(lab)
         dt = arr.dtype
-        res = ndimage.map_coordinates(arr.astype(np.int32) if dt == np.bool_ else arr, coords, order=0,
-                                      mode="constant", cval=0)
+        res = ndimage.map_coordinates(
+            arr.astype(np.int32) if dt == np.bool_ else arr, coords, order=0, mode="constant", cval=0
+        )
         out_labels.append(res.astype(dt))
     return out_imgs, out_labels
 
 
-def augment_spatial(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], rng: np.random.Generator,
-                    probs: dict[str, float] | None = None
-                    ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+def augment_spatial(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    rng: np.random.Generator,
+    probs: dict[str, float] | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """Draw the spatial augmentations of Sec. B.3 and apply them jointly to images and labels.
 
     Args:
@@ -184,7 +229,9 @@ def intensity_shift(x: np.ndarray, rng: np.random.Generator, max_shift: float = 
     return (x + rng.uniform(-max_shift, max_shift)).astype(np.float32)
 
 
-def intensity_scale(x: np.ndarray, rng: np.random.Generator, low: float = 0.9, high: float = 1.1) -> np.ndarray:
+def intensity_scale(
+    x: np.ndarray, rng: np.random.Generator, low: float = 0.9, high: float = 1.1
+) -> np.ndarray:
     """``x * U(low, high)``."""
     return (x * rng.uniform(low, high)).astype(np.float32)
 
@@ -209,8 +256,13 @@ class GinParams:
     alpha: float = 1.0
 
 
-def sample_gin(rng: np.random.Generator, ndim: int = 3, n_layers: int = 4, channels: int = 2,
-               kernel_sizes: Sequence[int] = (1, 3)) -> GinParams:
+def sample_gin(
+    rng: np.random.Generator,
+    ndim: int = 3,
+    n_layers: int = 4,
+    channels: int = 2,
+    kernel_sizes: Sequence[int] = (1, 3),
+) -> GinParams:
     """Draw a GIN network (Ouyang et al. 2022): ``n_layers`` random convs, kernel 1 or 3, leaky ReLU.
 
     Weights ~ N(0, 1), biases ~ N(0, 1) as in the reference GIN; ``alpha ~ U(0, 1)`` mixes
@@ -254,8 +306,9 @@ def gin(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return apply_gin(x, sample_gin(rng, ndim=x.ndim))
 
 
-def augment_intensity(x: np.ndarray, rng: np.random.Generator,
-                      probs: dict[str, float] | None = None) -> tuple[np.ndarray, list[str]]:
+def augment_intensity(
+    x: np.ndarray, rng: np.random.Generator, probs: dict[str, float] | None = None
+) -> tuple[np.ndarray, list[str]]:
     """Draw the intensity augmentations of Sec. B.3 (independently) and apply them in a fixed order."""
     p = {**PAPER_PROBS, **(probs or {})}
     draws = rng.random(5)
@@ -279,9 +332,13 @@ def augment_intensity(x: np.ndarray, rng: np.random.Generator,
     return out, applied
 
 
-def augment_subject(image: np.ndarray, labels: Sequence[np.ndarray], rng: np.random.Generator,
-                    probs: dict[str, float] | None = None, extra_images: Sequence[np.ndarray] = ()
-                    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[str]]:
+def augment_subject(
+    image: np.ndarray,
+    labels: Sequence[np.ndarray],
+    rng: np.random.Generator,
+    probs: dict[str, float] | None = None,
+    extra_images: Sequence[np.ndarray] = (),
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[str]]:
     """Spatial (all volumes jointly) then intensity (``image`` only) augmentation.
 
     Returns ``(image, labels, extra_images, applied transform names)``.

@@ -27,6 +27,7 @@ Each :class:`~vicl_fast.data.tasks3d.Subject` carries:
   without ``hippocampus``), ``tissue`` (1 GM, 2 WM), ``brodmann``;
 * ``image`` float32 in [0, 1], ``affine`` (MNI mm), ``has_skull``.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,15 @@ STORED_GRID = 96
 
 #: AAL region name prefixes of each structure group (``lobes`` map value = position + 1).
 AAL_GROUPS: dict[str, tuple[str, ...]] = {
-    "frontal": ("Precentral", "Frontal", "Rolandic_Oper", "Supp_Motor_Area", "Olfactory", "Rectus",
-                "Paracentral_Lobule"),
+    "frontal": (
+        "Precentral",
+        "Frontal",
+        "Rolandic_Oper",
+        "Supp_Motor_Area",
+        "Olfactory",
+        "Rectus",
+        "Paracentral_Lobule",
+    ),
     "temporal": ("Temporal", "Heschl", "Fusiform"),
     "parietal": ("Postcentral", "Parietal", "SupraMarginal", "Angular", "Precuneus"),
     "occipital": ("Calcarine", "Cuneus", "Lingual", "Occipital"),
@@ -76,17 +84,25 @@ def _load_one(name: str) -> Subject:
     names = [str(n) for n in arr["aal_names"]]
     aal = arr["aal"]
     lobes = np.zeros_like(aal)
-    masks = {"brain": arr["brain"].astype(bool), "head": arr["head"].astype(bool),
-             "gm": arr["tissue"] == 1, "wm": arr["tissue"] == 2}
+    masks = {
+        "brain": arr["brain"].astype(bool),
+        "head": arr["head"].astype(bool),
+        "gm": arr["tissue"] == 1,
+        "wm": arr["tissue"] == 2,
+    }
     for v, (group, prefixes) in enumerate(AAL_GROUPS.items(), start=1):
         m = np.isin(aal, _group_ids(names, prefixes))
         lobes[m] = v
         masks[group] = m
     masks["hippocampus"] = np.isin(aal, _group_ids(names, ("Hippocampus",)))
     return Subject(
-        name=name, image=arr["image"].astype(np.float32) / 255.0, masks=masks,
+        name=name,
+        image=arr["image"].astype(np.float32) / 255.0,
+        masks=masks,
         label_maps={"aal": aal, "lobes": lobes, "tissue": arr["tissue"], "brodmann": arr["brodmann"]},
-        affine=arr["affine"].astype(np.float64), has_skull=bool(arr["has_skull"]), source=str(arr["source"]),
+        affine=arr["affine"].astype(np.float64),
+        has_skull=bool(arr["has_skull"]),
+        source=str(arr["source"]),
     )
 
 
@@ -102,8 +118,9 @@ def _resize(s: Subject, size: int) -> Subject:
     return Subject(s.name, img, masks, maps, mods, m.grid_affine, s.has_skull, s.source)
 
 
-def load_demo_subjects(names: Sequence[str] | None = None, size: int | None = None, n_augmented: int = 0,
-                       seed: int = 0) -> list[Subject]:
+def load_demo_subjects(
+    names: Sequence[str] | None = None, size: int | None = None, n_augmented: int = 0, seed: int = 0
+) -> list[Subject]:
     """Load the embedded heads (and optional augmented variants), ready for task synthesis.
 
     Args:
@@ -133,22 +150,43 @@ def load_demo_subjects(names: Sequence[str] | None = None, size: int | None = No
     if size is not None and int(size) != STORED_GRID:
         subjects = [_resize(s, int(size)) for s in subjects]
     rng = np.random.default_rng(seed)
-    probs = {"affine": 1.0, "elastic": 1.0, "flip": 0.0, "rotate": 0.0, "shift": 1.0, "scale": 1.0,
-             "noise": 0.0, "invert": 0.0, "gin": 0.0}
+    probs = {
+        "affine": 1.0,
+        "elastic": 1.0,
+        "flip": 0.0,
+        "rotate": 0.0,
+        "shift": 1.0,
+        "scale": 1.0,
+        "noise": 0.0,
+        "invert": 0.0,
+        "gin": 0.0,
+    }
     base = list(subjects)
     for i in range(int(n_augmented)):
         s = base[i % len(base)]
         mk, lk = sorted(s.masks), sorted(s.label_maps)
         labels = [s.masks[k] for k in mk] + [s.label_maps[k] for k in lk]
         img, labs, _, _ = augment_subject(s.image, labels, rng, probs)
-        subjects.append(Subject(f"{s.name}_aug{i}", np.clip(img, 0, 1), dict(zip(mk, labs[: len(mk)])),
-                                dict(zip(lk, labs[len(mk):])), {}, s.affine.copy(), s.has_skull,
-                                s.source + " (augmented copy)"))
+        subjects.append(
+            Subject(
+                f"{s.name}_aug{i}",
+                np.clip(img, 0, 1),
+                dict(zip(mk, labs[: len(mk)])),
+                dict(zip(lk, labs[len(mk) :])),
+                {},
+                s.affine.copy(),
+                s.has_skull,
+                s.source + " (augmented copy)",
+            )
+        )
     return subjects
 
 
-def write_demo_nifti(out_dir: str | os.PathLike, label: str = "brain", subjects: Sequence[Subject] | None = None,
-                     ) -> list[tuple[Path, Path]]:
+def write_demo_nifti(
+    out_dir: str | os.PathLike,
+    label: str = "brain",
+    subjects: Sequence[Subject] | None = None,
+) -> list[tuple[Path, Path]]:
     """Export subjects as ``<name>_image.nii.gz`` / ``<name>_label.nii.gz`` pairs (inputs for the CLI).
 
     Args:
@@ -166,8 +204,10 @@ def write_demo_nifti(out_dir: str | os.PathLike, label: str = "brain", subjects:
         elif label in s.label_maps:
             lab = s.label_maps[label].astype(np.uint16 if s.label_maps[label].max() > 255 else np.uint8)
         else:
-            raise ValueError(f"label {label!r} not in subject {s.name}: masks {sorted(s.masks)}, "
-                             f"maps {sorted(s.label_maps)}")
+            raise ValueError(
+                f"label {label!r} not in subject {s.name}: masks {sorted(s.masks)}, "
+                f"maps {sorted(s.label_maps)}"
+            )
         ip, lp = out / f"{s.name}_image.nii.gz", out / f"{s.name}_label.nii.gz"
         save_nifti(s.image.astype(np.float32), s.affine, ip)
         save_nifti(lab, s.affine, lp)

@@ -7,6 +7,7 @@ its documented exit code (see :mod:`vicl_fast.cli`). Every writer goes through
 folder and are moved into place with :func:`os.replace`, so a failure (bad
 data, full disk, Ctrl-C) never leaves a partial output behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,9 +21,20 @@ import numpy as np
 import nibabel as nib
 
 __all__ = [
-    "InputError", "UnreadableFileError", "BadImageError", "BadLabelError", "NoContextError",
-    "BadModelError", "OutputError", "DeviceError",
-    "is_nifti_path", "nifti_stem", "load_nifti", "check_same_grid", "atomic_write", "save_nifti",
+    "InputError",
+    "UnreadableFileError",
+    "BadImageError",
+    "BadLabelError",
+    "NoContextError",
+    "BadModelError",
+    "OutputError",
+    "DeviceError",
+    "is_nifti_path",
+    "nifti_stem",
+    "load_nifti",
+    "check_same_grid",
+    "atomic_write",
+    "save_nifti",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -137,8 +149,9 @@ def load_nifti(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
     return img
 
 
-def check_same_grid(a: nib.Nifti1Image, b: nib.Nifti1Image, name_a: str, name_b: str,
-                    atol: float = 1e-3) -> None:
+def check_same_grid(
+    a: nib.Nifti1Image, b: nib.Nifti1Image, name_a: str, name_b: str, atol: float = 1e-3
+) -> None:
     """Raise :class:`BadImageError` unless ``a`` and ``b`` share shape and affine (``atol`` in mm)."""
     if a.shape[:3] != b.shape[:3]:
         raise BadImageError(
@@ -182,8 +195,13 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
-               header: nib.Nifti1Header | None = None, dtype: np.dtype | type | None = None) -> Path:
+def save_nifti(
+    data: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    header: nib.Nifti1Header | None = None,
+    dtype: np.dtype | type | None = None,
+) -> Path:
     """Write ``data`` (X, Y, Z) as NIfTI atomically, keeping ``header`` fields (descrip, units, codes).
 
     Scaling (scl_slope/scl_inter) is reset so the stored values are exactly ``data``

@@ -14,6 +14,7 @@
 * :func:`copy_prompt_predict` - RandP Table 2's "copy" baseline: the prediction
   is the (first) prompt label.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,15 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "dice", "dice_per_label", "psnr", "ssim", "ProtocolResult", "evaluate_protocol", "copy_prompt_predict",
-    "mean_context_predict", "task_metric",
+    "dice",
+    "dice_per_label",
+    "psnr",
+    "ssim",
+    "ProtocolResult",
+    "evaluate_protocol",
+    "copy_prompt_predict",
+    "mean_context_predict",
+    "task_metric",
 ]
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -48,8 +56,9 @@ def dice(pred: ArrayLike, target: ArrayLike, empty: float = 1.0) -> float:
     return float(empty) if s == 0 else 2.0 * int(np.logical_and(p, t).sum()) / s
 
 
-def dice_per_label(pred: ArrayLike, target: ArrayLike, labels: Sequence[int] | None = None,
-                   empty: float = 1.0) -> dict[int, float]:
+def dice_per_label(
+    pred: ArrayLike, target: ArrayLike, labels: Sequence[int] | None = None, empty: float = 1.0
+) -> dict[int, float]:
     """Dice of every label value (default: all non-zero values of either map)."""
     p, t = _np(pred), _np(target)
     if labels is None:
@@ -83,8 +92,16 @@ def _filter_valid(x: torch.Tensor, k: torch.Tensor, nd: int) -> torch.Tensor:
     return x
 
 
-def ssim(pred: ArrayLike, target: ArrayLike, data_range: float = 1.0, spatial_dims: int | None = None,
-         sigma: float = 1.5, truncate: float = 3.5, k1: float = 0.01, k2: float = 0.03) -> float | torch.Tensor:
+def ssim(
+    pred: ArrayLike,
+    target: ArrayLike,
+    data_range: float = 1.0,
+    spatial_dims: int | None = None,
+    sigma: float = 1.5,
+    truncate: float = 3.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> float | torch.Tensor:
     """Structural similarity (Gaussian window, population covariance), 2D or 3D.
 
     Args:
@@ -105,12 +122,14 @@ def ssim(pred: ArrayLike, target: ArrayLike, data_range: float = 1.0, spatial_di
     unbatched = spatial_dims is None
     nd = x.ndim if unbatched else int(spatial_dims)
     if nd not in (2, 3):
-        raise ValueError(f"ssim: needs 2 or 3 spatial dims, got {nd} (shape {tuple(x.shape)}); "
-                         "pass spatial_dims for batched (B, C, *S) input")
+        raise ValueError(
+            f"ssim: needs 2 or 3 spatial dims, got {nd} (shape {tuple(x.shape)}); "
+            "pass spatial_dims for batched (B, C, *S) input"
+        )
     dtype = torch.float64 if x.device.type == "cpu" else (x.dtype if x.is_floating_point() else torch.float32)
     x, y = x.to(dtype), y.to(device=x.device, dtype=dtype)
     lead = x.shape[: x.ndim - nd]
-    S = x.shape[x.ndim - nd:]
+    S = x.shape[x.ndim - nd :]
     k = _gauss_kernel(sigma, truncate, dtype, x.device)
     if min(S) < k.numel():
         raise ValueError(f"ssim: every spatial size must be >= {k.numel()} (window), got {tuple(S)}")
@@ -147,7 +166,9 @@ def copy_prompt_predict(target_in: np.ndarray, context_in: np.ndarray, context_o
     return np.asarray(context_out[0]).copy()
 
 
-def mean_context_predict(target_in: np.ndarray, context_in: np.ndarray, context_out: np.ndarray) -> np.ndarray:
+def mean_context_predict(
+    target_in: np.ndarray, context_in: np.ndarray, context_out: np.ndarray
+) -> np.ndarray:
     """Average of all context labels (an atlas-style baseline for aligned data); ``(C, *S)``."""
     return np.asarray(context_out, dtype=np.float64).mean(0).astype(np.float32)
 
@@ -169,11 +190,16 @@ class ProtocolResult:
     scores: np.ndarray
 
 
-def evaluate_protocol(predict: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
-                      targets: Sequence[tuple[np.ndarray, np.ndarray]],
-                      pool: Sequence[tuple[np.ndarray, np.ndarray]],
-                      metric: Callable[[np.ndarray, np.ndarray], float], n_context: int = 1,
-                      n_repeats: int = 10, seed: int = 0, exclude_self: bool = False) -> ProtocolResult:
+def evaluate_protocol(
+    predict: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    targets: Sequence[tuple[np.ndarray, np.ndarray]],
+    pool: Sequence[tuple[np.ndarray, np.ndarray]],
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    n_context: int = 1,
+    n_repeats: int = 10,
+    seed: int = 0,
+    exclude_self: bool = False,
+) -> ProtocolResult:
     """Evaluate ``predict`` on every target ``n_repeats`` times with random context sets.
 
     Args:
@@ -191,7 +217,9 @@ def evaluate_protocol(predict: Callable[[np.ndarray, np.ndarray, np.ndarray], np
         raise ValueError("evaluate_protocol: no targets")
     avail = len(pool) - (1 if exclude_self else 0)
     if n_context < 1 or n_context > avail:
-        raise ValueError(f"n_context must be in [1, {avail}] for a pool of {len(pool)} pairs, got {n_context}")
+        raise ValueError(
+            f"n_context must be in [1, {avail}] for a pool of {len(pool)} pairs, got {n_context}"
+        )
     rng = np.random.default_rng(seed)
     scores = np.empty((len(targets), n_repeats))
     for r in range(n_repeats):
@@ -202,4 +230,6 @@ def evaluate_protocol(predict: Callable[[np.ndarray, np.ndarray, np.ndarray], np
             cout = np.stack([pool[j][1] for j in idx])
             scores[i, r] = metric(predict(tin, cin, cout), tout)
     per_repeat = scores.mean(0)
-    return ProtocolResult(float(per_repeat.mean()), float(per_repeat.std()), float(scores.std(1).mean()), scores)
+    return ProtocolResult(
+        float(per_repeat.mean()), float(per_repeat.std()), float(scores.std(1).mean()), scores
+    )

@@ -27,6 +27,7 @@ ambiguity); the cost (~0.3 s per 128^3 volume) is small next to a forward pass.
 Images are Gaussian-prefiltered before downsampling (anti-aliasing,
 ``sigma = (step - 1) / 2`` voxels, as scikit-image's ``resize``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,8 +40,14 @@ import nibabel as nib
 from nibabel import orientations as ornt_mod
 
 __all__ = [
-    "GridMapping", "plan_grid", "resample", "normalize_intensity", "preprocess_image",
-    "preprocess_label", "to_original", "check_grid",
+    "GridMapping",
+    "plan_grid",
+    "resample",
+    "normalize_intensity",
+    "preprocess_image",
+    "preprocess_label",
+    "to_original",
+    "check_grid",
 ]
 
 
@@ -57,7 +64,9 @@ def check_grid(grid: int | Sequence[int], multiple_of: int = 16) -> tuple[int, i
     """Validate a model grid: three positive multiples of ``multiple_of`` (the U-Net has 4 downsamplings)."""
     g = tuple(int(v) for v in np.broadcast_to(np.asarray(grid), (3,)))
     if any(v <= 0 or v % multiple_of for v in g):
-        raise ValueError(f"grid must be positive multiples of {multiple_of} (e.g. 128 or 96,128,128), got {g}")
+        raise ValueError(
+            f"grid must be positive multiples of {multiple_of} (e.g. 128 or 96,128,128), got {g}"
+        )
     return g  # type: ignore[return-value]
 
 
@@ -92,7 +101,9 @@ class GridMapping:
         ``mode="nearest"`` lets the grid's outermost voxel centres, which lie in the
         original volume's outer half-voxel rim, take the edge value instead of 0.
         """
-        out = resample(data, self.index_map, self.grid_shape, order=order, mode="nearest", antialias=antialias)
+        out = resample(
+            data, self.index_map, self.grid_shape, order=order, mode="nearest", antialias=antialias
+        )
         if self.block is not None:
             keep = np.zeros(self.grid_shape, dtype=bool)
             keep[self.block] = True
@@ -110,8 +121,13 @@ class GridMapping:
         return np.linalg.inv(self.index_map)
 
 
-def plan_grid(affine: np.ndarray, shape: Sequence[int], spacing: float | Sequence[float] | None = 1.0,
-              grid: int | Sequence[int] = 128, multiple_of: int = 16) -> GridMapping:
+def plan_grid(
+    affine: np.ndarray,
+    shape: Sequence[int],
+    spacing: float | Sequence[float] | None = 1.0,
+    grid: int | Sequence[int] = 128,
+    multiple_of: int = 16,
+) -> GridMapping:
     """Compute the mapping of a volume onto the model grid (no data touched).
 
     Args:
@@ -155,8 +171,15 @@ def plan_grid(affine: np.ndarray, shape: Sequence[int], spacing: float | Sequenc
     S[:3, 3] = offset
     Q = T @ S
     block = tuple(slice(int(p), int(p + n)) for p, n in zip(pad, m))
-    return GridMapping(orig_shape=shp, orig_affine=A, grid_shape=tuple(int(g) for g in G),  # type: ignore[arg-type]
-                       index_map=Q, spacing=eff, scale=f, block=block)  # type: ignore[arg-type]
+    return GridMapping(
+        orig_shape=shp,
+        orig_affine=A,
+        grid_shape=tuple(int(g) for g in G),  # type: ignore[arg-type]
+        index_map=Q,
+        spacing=eff,
+        scale=f,
+        block=block,
+    )  # type: ignore[arg-type]
 
 
 def _antialias_sigma(M: np.ndarray) -> np.ndarray:
@@ -165,8 +188,15 @@ def _antialias_sigma(M: np.ndarray) -> np.ndarray:
     return np.maximum(0.0, (step - 1.0) / 2.0)
 
 
-def resample(data: np.ndarray, index_map: np.ndarray, out_shape: Sequence[int], order: int,
-             cval: float = 0.0, mode: str = "constant", antialias: bool = False) -> np.ndarray:
+def resample(
+    data: np.ndarray,
+    index_map: np.ndarray,
+    out_shape: Sequence[int],
+    order: int,
+    cval: float = 0.0,
+    mode: str = "constant",
+    antialias: bool = False,
+) -> np.ndarray:
     """Sample ``data`` on a new grid: ``out[v] = data(index_map @ v)``.
 
     Args:
@@ -191,14 +221,23 @@ def resample(data: np.ndarray, index_map: np.ndarray, out_shape: Sequence[int], 
             sigma = _antialias_sigma(M)
             if np.any(sigma > 0):
                 src = ndimage.gaussian_filter(src, sigma=sigma, mode="nearest")
-    out = ndimage.affine_transform(src, M[:3, :3], offset=M[:3, 3], output_shape=tuple(out_shape),
-                                   order=order, mode=mode, cval=cval, prefilter=False,
-                                   output=out_dtype)
+    out = ndimage.affine_transform(
+        src,
+        M[:3, :3],
+        offset=M[:3, 3],
+        output_shape=tuple(out_shape),
+        order=order,
+        mode=mode,
+        cval=cval,
+        prefilter=False,
+        output=out_dtype,
+    )
     return out.astype(np.float32) if order >= 1 else out
 
 
-def normalize_intensity(data: np.ndarray, lower: float = 0.02, upper: float = 0.98,
-                        mask: np.ndarray | None = None) -> tuple[np.ndarray, tuple[float, float]]:
+def normalize_intensity(
+    data: np.ndarray, lower: float = 0.02, upper: float = 0.98, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, tuple[float, float]]:
     """Map ``[q_lower, q_upper]`` to ``[0, 1]`` and clip (the paper's 0.02 / 0.98 percentiles).
 
     Args:
@@ -226,12 +265,18 @@ def _as_array_affine(img) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | No
         data = np.asanyarray(img.dataobj)
         data = data.reshape(data.shape[:3]) if data.ndim > 3 else data
         return data, np.asarray(img.affine, dtype=np.float64), getattr(img, "header", None)
-    raise TypeError(f"expected a nibabel image, got {type(img).__name__}; load it with vicl_fast.data.io.load_nifti")
+    raise TypeError(
+        f"expected a nibabel image, got {type(img).__name__}; load it with vicl_fast.data.io.load_nifti"
+    )
 
 
-def preprocess_image(img: nib.spatialimages.SpatialImage, spacing: float | Sequence[float] | None = 1.0,
-                     grid: int | Sequence[int] = 128, percentiles: tuple[float, float] = (0.02, 0.98),
-                     mapping: GridMapping | None = None) -> tuple[np.ndarray, GridMapping]:
+def preprocess_image(
+    img: nib.spatialimages.SpatialImage,
+    spacing: float | Sequence[float] | None = 1.0,
+    grid: int | Sequence[int] = 128,
+    percentiles: tuple[float, float] = (0.02, 0.98),
+    mapping: GridMapping | None = None,
+) -> tuple[np.ndarray, GridMapping]:
     """Image -> model grid: canonical, ``spacing`` mm, fitted in ``grid``, normalised to [0, 1].
 
     Returns:
@@ -248,9 +293,12 @@ def preprocess_image(img: nib.spatialimages.SpatialImage, spacing: float | Seque
     return vol, mapping
 
 
-def preprocess_label(img: nib.spatialimages.SpatialImage, mapping: GridMapping | None = None,
-                     spacing: float | Sequence[float] | None = 1.0,
-                     grid: int | Sequence[int] = 128) -> tuple[np.ndarray, GridMapping]:
+def preprocess_label(
+    img: nib.spatialimages.SpatialImage,
+    mapping: GridMapping | None = None,
+    spacing: float | Sequence[float] | None = 1.0,
+    grid: int | Sequence[int] = 128,
+) -> tuple[np.ndarray, GridMapping]:
     """Label map -> model grid by nearest neighbour (values kept, e.g. all AAL indices).
 
     Returns:
@@ -283,5 +331,6 @@ def to_original(volume: np.ndarray, mapping: GridMapping, kind: str = "image") -
     order = 0 if kind == "label" else 1
     # mode="nearest": original voxels in the half-voxel rim outside the grid's
     # sample centres take the edge value instead of 0.
-    return resample(vol, mapping.inverse_map, mapping.orig_shape, order=order, mode="nearest",
-                    antialias=(order == 1))
+    return resample(
+        vol, mapping.inverse_map, mapping.orig_shape, order=order, mode="nearest", antialias=(order == 1)
+    )

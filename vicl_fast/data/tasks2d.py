@@ -23,6 +23,7 @@ channels). Families here, all from slices of :class:`~vicl_fast.data.tasks3d.Sub
 
 Slices are ``(3, H, W)`` float32 in [0, 1], resized to ``size`` x ``size``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,8 +37,18 @@ from vicl_fast.data.augment import GinParams, apply_gin, sample_gin
 from vicl_fast.data.tasks3d import Subject, downsample_upsample
 
 __all__ = [
-    "FAMILIES_2D", "TaskSpec2D", "label_palette", "to_rgb", "colorize", "decode_colors", "make_grid",
-    "split_grid", "extract_slice", "sample_task_2d", "make_pair_2d", "sample_episode_2d",
+    "FAMILIES_2D",
+    "TaskSpec2D",
+    "label_palette",
+    "to_rgb",
+    "colorize",
+    "decode_colors",
+    "make_grid",
+    "split_grid",
+    "extract_slice",
+    "sample_task_2d",
+    "make_pair_2d",
+    "sample_episode_2d",
 ]
 
 FAMILIES_2D = ("segmentation", "denoising", "super_resolution", "synthesis")
@@ -120,8 +131,9 @@ def extract_slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.take(vol, int(index), axis=int(axis))
 
 
-def sample_task_2d(subjects: Sequence[Subject], rng: np.random.Generator, family: str | None = None,
-                   **overrides: Any) -> TaskSpec2D:
+def sample_task_2d(
+    subjects: Sequence[Subject], rng: np.random.Generator, family: str | None = None, **overrides: Any
+) -> TaskSpec2D:
     """Draw a 2D task valid for every subject (uniform over :data:`FAMILIES_2D` when ``family`` is None)."""
     family = family or FAMILIES_2D[int(rng.integers(len(FAMILIES_2D)))]
     if family not in FAMILIES_2D:
@@ -157,8 +169,9 @@ def _pick_slice(s: Subject, axis: int, rng: np.random.Generator, mask: np.ndarra
     return int(np.clip(np.rint(rng.uniform(a, max(a, b))), lo, hi))
 
 
-def make_pair_2d(spec: TaskSpec2D, subject: Subject, rng: np.random.Generator, size: int = 256,
-                 index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def make_pair_2d(
+    spec: TaskSpec2D, subject: Subject, rng: np.random.Generator, size: int = 256, index: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """One (image (3, size, size), label (3, size, size)) pair of ``spec`` from a slice of ``subject``."""
     p, ax = spec.params, int(spec.params["axis"])
     mask3d = subject.masks[p["mask"]] if spec.family == "segmentation" else None
@@ -175,7 +188,9 @@ def make_pair_2d(spec: TaskSpec2D, subject: Subject, rng: np.random.Generator, s
         return to_rgb(downsample_upsample(img, int(p["factor"]))[0]), to_rgb(img)
     if spec.family == "synthesis":
         if "modality" in p:
-            out = _resize2d(extract_slice(subject.modalities[p["modality"]], ax, i).astype(np.float32), size, False)
+            out = _resize2d(
+                extract_slice(subject.modalities[p["modality"]], ax, i).astype(np.float32), size, False
+            )
         else:
             gp: GinParams = p["gin"]
             out = apply_gin(img, gp)
@@ -183,8 +198,13 @@ def make_pair_2d(spec: TaskSpec2D, subject: Subject, rng: np.random.Generator, s
     raise ValueError(f"unknown 2D family {spec.family!r}")
 
 
-def sample_episode_2d(subjects: Sequence[Subject], rng: np.random.Generator, family: str | None = None,
-                      size: int = 256, spec: TaskSpec2D | None = None) -> dict[str, Any]:
+def sample_episode_2d(
+    subjects: Sequence[Subject],
+    rng: np.random.Generator,
+    family: str | None = None,
+    size: int = 256,
+    spec: TaskSpec2D | None = None,
+) -> dict[str, Any]:
     """Prompt pair + query pair of one 2D task, from two random subjects (may coincide: other slice).
 
     Returns:
@@ -195,5 +215,11 @@ def sample_episode_2d(subjects: Sequence[Subject], rng: np.random.Generator, fam
     a, b = (subjects[int(i)] for i in rng.integers(len(subjects), size=2))
     pi, pl = make_pair_2d(spec, a, rng, size)
     qi, ql = make_pair_2d(spec, b, rng, size)
-    return {"prompt_image": pi, "prompt_label": pl, "query_image": qi, "query_label": ql,
-            "grid": make_grid(pi, pl, qi, ql), "spec": spec}
+    return {
+        "prompt_image": pi,
+        "prompt_label": pl,
+        "query_image": qi,
+        "query_label": ql,
+        "grid": make_grid(pi, pl, qi, ql),
+        "spec": spec,
+    }

@@ -32,9 +32,9 @@ overlaid on the input with p = 0.05, independently.
 
 All volumes are (D, H, W) float32 in [0, 1] (the model grid); masks are bool.
 """
+
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -44,14 +44,33 @@ import torch.nn.functional as F
 from numpy.polynomial import legendre
 from scipy import ndimage
 
-from vicl_fast.data.augment import GinParams, apply_gin, augment_subject, sample_gin
+from vicl_fast.data.augment import apply_gin, augment_subject, sample_gin
 
 __all__ = [
-    "Subject", "TaskSpec", "Episode", "TASK_TABLE", "GENERATION_FAMILIES", "OVERLAY_FAMILIES",
-    "legendre_bias_field", "apply_bias_field", "add_gaussian_noise", "add_salt_pepper", "perlin_noise",
-    "perlin_mask", "inpaint", "downsample_upsample", "central_slices", "skull_strip",
-    "group_classes", "invert_mask", "dilate_mask", "erode_mask", "sobel_label",
-    "sample_task", "apply_task", "sample_episode",
+    "Subject",
+    "TaskSpec",
+    "Episode",
+    "TASK_TABLE",
+    "GENERATION_FAMILIES",
+    "OVERLAY_FAMILIES",
+    "legendre_bias_field",
+    "apply_bias_field",
+    "add_gaussian_noise",
+    "add_salt_pepper",
+    "perlin_noise",
+    "perlin_mask",
+    "inpaint",
+    "downsample_upsample",
+    "central_slices",
+    "skull_strip",
+    "group_classes",
+    "invert_mask",
+    "dilate_mask",
+    "erode_mask",
+    "sobel_label",
+    "sample_task",
+    "apply_task",
+    "sample_episode",
 ]
 
 
@@ -123,12 +142,14 @@ class Episode:
 
 # --------------------------------------------------------------------------- corruptions
 
+
 def _norm_coords(shape: Sequence[int]) -> list[np.ndarray]:
     return [np.linspace(-1.0, 1.0, s) for s in shape]
 
 
-def legendre_bias_field(shape: Sequence[int], rng: np.random.Generator, order: int = 3,
-                        max_coeff: float = 0.5) -> np.ndarray:
+def legendre_bias_field(
+    shape: Sequence[int], rng: np.random.Generator, order: int = 3, max_coeff: float = 0.5
+) -> np.ndarray:
     """Smooth multiplicative field ``exp(sum c_ijk P_i(x) P_j(y) P_k(z))``, ``i+j+k <= order``.
 
     Coefficients ~ U(-max_coeff, max_coeff) (the constant term is 0 so the field is centred on 1),
@@ -143,25 +164,34 @@ def legendre_bias_field(shape: Sequence[int], rng: np.random.Generator, order: i
                 if i == j == k == 0:
                     continue
                 c = rng.uniform(-max_coeff, max_coeff)
-                logf += c * basis[0][i][:, None, None] * basis[1][j][None, :, None] * basis[2][k][None, None, :]
+                logf += (
+                    c * basis[0][i][:, None, None] * basis[1][j][None, :, None] * basis[2][k][None, None, :]
+                )
     return np.exp(logf)
 
 
-def apply_bias_field(x: np.ndarray, rng: np.random.Generator, order: int = 3,
-                     max_coeff: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def apply_bias_field(
+    x: np.ndarray, rng: np.random.Generator, order: int = 3, max_coeff: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
     """``x * field``; returns ``(corrupted float32, field)``."""
     fld = legendre_bias_field(x.shape, rng, order, max_coeff)
     return (x * fld).astype(np.float32), fld
 
 
-def add_gaussian_noise(x: np.ndarray, rng: np.random.Generator, sigma: float | None = None,
-                       sigma_range: tuple[float, float] = (0.15, 0.25)) -> tuple[np.ndarray, float]:
+def add_gaussian_noise(
+    x: np.ndarray,
+    rng: np.random.Generator,
+    sigma: float | None = None,
+    sigma_range: tuple[float, float] = (0.15, 0.25),
+) -> tuple[np.ndarray, float]:
     """``x + N(0, sigma^2)`` (not clipped); ``sigma ~ U(sigma_range)`` when not given."""
     s = float(rng.uniform(*sigma_range)) if sigma is None else float(sigma)
     return (x + rng.normal(0.0, s, size=x.shape)).astype(np.float32), s
 
 
-def add_salt_pepper(x: np.ndarray, rng: np.random.Generator, p: float = 0.04) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def add_salt_pepper(
+    x: np.ndarray, rng: np.random.Generator, p: float = 0.04
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Salt (value 1) and pepper (value 0) drawn separately, each with probability ``p``.
 
     Where both land, pepper wins (drawn second). Returns ``(noisy, salt mask, pepper mask)``.
@@ -188,7 +218,7 @@ def perlin_noise(shape: Sequence[int], rng: np.random.Generator, res: Sequence[i
     coords = [np.linspace(0, r, s, endpoint=False) + 0.5 * r / s for r, s in zip(res, shape)]
     cell = [np.floor(c).astype(int) for c in coords]
     frac = [c - ci for c, ci in zip(coords, cell)]
-    fade = [f ** 3 * (f * (f * 6 - 15) + 10) for f in frac]
+    fade = [f**3 * (f * (f * 6 - 15) + 10) for f in frac]
 
     def bc(a: np.ndarray, axis: int) -> np.ndarray:
         sh = [1] * n
@@ -207,8 +237,13 @@ def perlin_noise(shape: Sequence[int], rng: np.random.Generator, res: Sequence[i
     return out
 
 
-def perlin_mask(shape: Sequence[int], rng: np.random.Generator, fraction: float | None = None,
-                region: np.ndarray | None = None, res: int | None = None) -> np.ndarray:
+def perlin_mask(
+    shape: Sequence[int],
+    rng: np.random.Generator,
+    fraction: float | None = None,
+    region: np.ndarray | None = None,
+    res: int | None = None,
+) -> np.ndarray:
     """Blob-shaped occlusion mask: Perlin noise above its ``1 - fraction`` quantile.
 
     Args:
@@ -251,7 +286,9 @@ def downsample_upsample(x: np.ndarray, factor: int = 2) -> tuple[np.ndarray, np.
         t = F.pad(t, pad, mode="replicate")
     pool = F.avg_pool3d if nd == 3 else F.avg_pool2d
     low = pool(t, factor)
-    up = F.interpolate(low, scale_factor=factor, mode="trilinear" if nd == 3 else "bilinear", align_corners=False)
+    up = F.interpolate(
+        low, scale_factor=factor, mode="trilinear" if nd == 3 else "bilinear", align_corners=False
+    )
     up = up[(0, 0) + tuple(slice(0, s) for s in x.shape)]
     return up.numpy().astype(np.float32), low[0, 0].numpy()
 
@@ -273,6 +310,7 @@ def skull_strip(x: np.ndarray, brain_mask: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- label tasks
 
+
 def group_classes(label_map: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """Foreground = union of ``classes`` (random grouping of Sec. B.3); bool (D, H, W)."""
     return np.isin(label_map, np.asarray(classes))
@@ -293,7 +331,7 @@ def dilate_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def erode_mask(mask: np.ndarray) -> np.ndarray:
-    """Erosion by 1 voxel (same structuring element as :func:`dilate_mask`); the border counts as background."""
+    """Erosion by 1 voxel (structuring element of :func:`dilate_mask`); outside counts as background."""
     st = ndimage.generate_binary_structure(mask.ndim, 1)
     return ndimage.binary_erosion(mask, structure=st, border_value=0)
 
@@ -308,6 +346,7 @@ def sobel_label(mask: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- task sampling
 
+
 def _segmentation_sources(subjects: Sequence[Subject]) -> tuple[list[str], list[str]]:
     masks = set.intersection(*[set(s.masks) for s in subjects])
     maps = set.intersection(*[set(s.label_maps) for s in subjects])
@@ -318,9 +357,14 @@ def _choose(rng: np.random.Generator, items: Sequence[Any]) -> Any:
     return items[int(rng.integers(len(items)))]
 
 
-def sample_task(subjects: Sequence[Subject], rng: np.random.Generator, family: str | None = None,
-                overlay_p: float = 0.05, seg_probs: dict[str, float] | None = None,
-                **overrides: Any) -> TaskSpec:
+def sample_task(
+    subjects: Sequence[Subject],
+    rng: np.random.Generator,
+    family: str | None = None,
+    overlay_p: float = 0.05,
+    seg_probs: dict[str, float] | None = None,
+    **overrides: Any,
+) -> TaskSpec:
     """Draw one task, valid for every subject in ``subjects``.
 
     Args:
@@ -353,15 +397,21 @@ def sample_task(subjects: Sequence[Subject], rng: np.random.Generator, family: s
         use_map = maps and (not masks or rng.random() < sp["group"])
         if use_map:
             name = _choose(rng, maps)
-            present = sorted(set.intersection(*[set(np.unique(s.label_maps[name]).tolist()) for s in subjects]) - {0})
+            present = sorted(
+                set.intersection(*[set(np.unique(s.label_maps[name]).tolist()) for s in subjects]) - {0}
+            )
             k = int(rng.integers(1, min(10, len(present)) + 1))
             classes = sorted(rng.choice(present, size=k, replace=False).tolist())
             params.update(source="label_map", name=name, classes=classes)
         else:
             params.update(source="mask", name=_choose(rng, masks))
         d = rng.random(4)
-        params.update(sobel=bool(d[0] < sp["sobel"]), invert=bool(d[1] < sp["invert"]),
-                      dilate=bool(d[2] < sp["dilate"]), erode=bool(d[3] < sp["erode"]))
+        params.update(
+            sobel=bool(d[0] < sp["sobel"]),
+            invert=bool(d[1] < sp["invert"]),
+            dilate=bool(d[2] < sp["dilate"]),
+            erode=bool(d[3] < sp["erode"]),
+        )
     else:
         if family == "modality_transform":
             common = sorted(set.intersection(*[set(s.modalities) for s in subjects]))
@@ -374,8 +424,11 @@ def sample_task(subjects: Sequence[Subject], rng: np.random.Generator, family: s
                 params["shared_gin"] = sample_gin(rng, ndim=3)
         elif family == "super_resolution":
             params.update(factor=2)
-        overlays = tuple(f for f, u in zip(OVERLAY_FAMILIES, rng.random(len(OVERLAY_FAMILIES)))
-                         if u < overlay_p and f != family)
+        overlays = tuple(
+            f
+            for f, u in zip(OVERLAY_FAMILIES, rng.random(len(OVERLAY_FAMILIES)))
+            if u < overlay_p and f != family
+        )
     params.update(overrides)
     return TaskSpec(family, params, overlays)
 
@@ -395,8 +448,9 @@ def _why_not(family: str) -> str:
     return "every subject needs an image with skull (has_skull) and a 'brain' mask"
 
 
-def _corrupt(family: str, x: np.ndarray, rng: np.random.Generator, params: dict[str, Any],
-             region: np.ndarray | None) -> np.ndarray:
+def _corrupt(
+    family: str, x: np.ndarray, rng: np.random.Generator, params: dict[str, Any], region: np.ndarray | None
+) -> np.ndarray:
     if family == "bias_field":
         return apply_bias_field(x, rng)[0]
     if family == "gaussian_noise":
@@ -418,8 +472,13 @@ def _head_region(s: Subject, x: np.ndarray) -> np.ndarray:
     return x > 0.05
 
 
-def apply_task(spec: TaskSpec, subject: Subject, rng: np.random.Generator,
-               augment: bool = True, aug_probs: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def apply_task(
+    spec: TaskSpec,
+    subject: Subject,
+    rng: np.random.Generator,
+    augment: bool = True,
+    aug_probs: dict[str, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Make one (input, output) pair of ``spec`` from ``subject``.
 
     Args:
@@ -440,7 +499,7 @@ def apply_task(spec: TaskSpec, subject: Subject, rng: np.random.Generator,
     if augment:
         img, labels, extra, _ = augment_subject(img, labels, rng, aug_probs, extra_images=extra)
     masks = dict(zip(mask_names, labels[: len(mask_names)]))
-    maps = dict(zip(map_names, labels[len(mask_names):]))
+    maps = dict(zip(map_names, labels[len(mask_names) :]))
     mods = dict(zip(mod_names, extra))
     aug = Subject(subject.name, img, masks, maps, mods, subject.affine, subject.has_skull)
 
@@ -483,9 +542,15 @@ def apply_task(spec: TaskSpec, subject: Subject, rng: np.random.Generator,
     return inp.astype(np.float32), out.astype(np.float32)
 
 
-def sample_episode(subjects: Sequence[Subject], rng: np.random.Generator, n_context: int = 3,
-                   family: str | None = None, spec: TaskSpec | None = None, augment: bool = True,
-                   **task_kwargs: Any) -> Episode:
+def sample_episode(
+    subjects: Sequence[Subject],
+    rng: np.random.Generator,
+    n_context: int = 3,
+    family: str | None = None,
+    spec: TaskSpec | None = None,
+    augment: bool = True,
+    **task_kwargs: Any,
+) -> Episode:
     """One target + ``n_context`` context pairs of one task (Sec. B.2).
 
     Subjects are drawn with replacement when the pool is smaller than ``n_context + 1``
