@@ -213,3 +213,47 @@ def test_peak_memory_independent_of_context_size():
     # the measurement sees growth when there is some: every graph kept ("full") at L=8
     full8 = res["train", "full:8:1"]
     assert full8 > 2.0 * train2, (train2, full8)
+
+
+@pytest.mark.gpu
+def test_gpu_streamed_contexts_and_exact_gradients(fx):
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m = load_official_neuroverse3d(fx).cuda()
+    t = fx["target_in"].cuda()
+    for pin in (False, True):  # contexts stay on the CPU (pageable or pinned) and are streamed
+        ci, co = fx["context_in"], fx["context_out"]
+        if pin:
+            ci, co = ci.pin_memory(), co.pin_memory()
+        for l in (1, 2, 3):
+            y = m.predict(t, ci, co, l).cpu()
+            ref = fx["outputs_by_mini_context"][l]
+            assert ((y - ref).norm() / ref.norm()) <= 1e-5
+    m.zero_grad()
+    (m(t, fx["context_in"], fx["context_out"], 1, apsp_mode="exact") ** 2).mean().backward()
+    for k, p in m.named_parameters():
+        g = fx["grads"][k]
+        assert ((p.grad.cpu() - g).norm() / g.norm()) <= 1e-4, k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("task", ["train", "infer"])
+def test_gpu_peak_memory_independent_of_context_size(task):
+    torch.manual_seed(0)
+    m = Neuroverse3D(channels=(8, 16, 32, 64)).cuda()
+    peaks = {}
+    for L in (2, 2, 32):  # the first step allocates the .grad buffers and warms cuDNN up
+        t = torch.rand(1, 1, 64, 64, 64, device="cuda")
+        ci = torch.rand(1, L, 1, 64, 64, 64)  # on the CPU: streamed, so not in device memory
+        co = (torch.rand(1, L, 1, 64, 64, 64) > 0.5).float()
+        m.zero_grad(set_to_none=False)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        if task == "train":
+            (m(t, ci, co, 1, apsp_mode="exact") ** 2).mean().backward()
+        else:
+            m.predict(t, ci, co, 1)
+        torch.cuda.synchronize()
+        peaks[L] = torch.cuda.max_memory_allocated() - base
+    assert peaks[32] <= 1.15 * peaks[2], peaks

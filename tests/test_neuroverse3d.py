@@ -172,3 +172,31 @@ def test_conv_macs_formula_matches_flop_counter():
     assert math.isclose(2 * ref["total"] / 1e12, 9.7, rel_tol=0.01), ref
     fast = m.conv_macs((128,) * 3, 8, fast=True)
     assert fast["total"] < ref["total"]
+
+
+@pytest.mark.slow
+def test_compile_parts_matches_eager():
+    m = _tiny(torch.float32, channels=(4, 8, 16))
+    t, ci, co = _inputs(L=3, dtype=torch.float32)
+    ref = m.predict(t, ci, co, 2)
+    m.compile_parts(dynamic=False)
+    y = m.predict(t, ci, co, 2)
+    m.uncompile_parts()
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_fast_equals_reference_and_bf16():
+    torch.manual_seed(0)
+    m = Neuroverse3D(channels=(8, 16, 32)).cuda()
+    t, ci, co = (x.float().cuda() for x in _inputs(B=2, L=3, S=(16, 16, 16), dtype=torch.float32))
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = m.predict(t, ci, co, 2, fast=False)
+    y = m.predict(t, ci, co, 2, fast=True)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        yb = m.predict(t, ci, co, 1)
+        yb_ref = m.predict(t, ci, co, 1, fast=False)
+    # flash-attention's rule: the error of the fast path at most 2x (+eps) that of the reference path in bf16
+    assert (yb.float() - ref).abs().max() <= 2 * (yb_ref.float() - ref).abs().max() + 1e-3

@@ -472,6 +472,25 @@ class Neuroverse3D(nn.Module):
         """:meth:`forward` under ``torch.inference_mode`` (no graph, buffers reused in place)."""
         return self.forward(target_in, context_in, context_out, l, **kwargs)
 
+    def compile_parts(self, **compile_kwargs) -> "Neuroverse3D":
+        """``torch.compile`` the parts that APSP calls; the mini-context loop stays eager.
+
+        ``compile_kwargs`` go to :func:`torch.compile` (e.g. ``mode="max-autotune"``).
+        The last, smaller mini-context and a change of grad mode trigger one
+        recompilation each. :meth:`uncompile_parts` restores the eager methods.
+        Returns ``self``.
+        """
+        for name in ("encode_target", "target_context", "_context_branch", "decode"):
+            eager = getattr(type(self), name).__get__(self)
+            self.__dict__[name] = torch.compile(eager, **compile_kwargs)
+        return self
+
+    def uncompile_parts(self) -> "Neuroverse3D":
+        """Undo :meth:`compile_parts`."""
+        for name in ("encode_target", "target_context", "_context_branch", "decode"):
+            self.__dict__.pop(name, None)
+        return self
+
     # ------------------------------------------------------------- accounting
     def conv_macs(self, spatial: Sequence[int], contexts: int = 1, *, fast: bool | None = None) -> dict[str, int]:
         """Multiply-accumulates of every conv for one sample (batch 1), analytically.
