@@ -220,7 +220,8 @@ class TestTritonInterpreter:
         x, w, b, e = _make_inputs(2, 2, 40, (3, 4, 5), "L", torch.float32, layout="channels_last")
         _check(fusion_block, x, w, b, e, fp32=True)
 
-    @pytest.mark.parametrize("C, spatial, extra_L", [(16, (3, 5, 7), 1), (8, (5, 6), "L"), (20, (2, 3, 5), 1)])
+    @pytest.mark.parametrize("C, spatial, extra_L",
+                             [(16, (3, 5, 7), 1), (8, (5, 6), "L"), (20, (2, 3, 5), 1)])
     def test_bf16(self, C, spatial, extra_L):
         x, w, b, e = _make_inputs(1, 3, C, spatial, extra_L, torch.bfloat16)
         _check(fusion_block, x, w, b, e, fp32=False)
