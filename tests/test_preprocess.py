@@ -67,7 +67,7 @@ def test_round_trip_fit_downscales_isotropically():
     A = _oblique_affine()
     shape = (40, 50, 30)  # 36 x 65 x 90 mm: too big for 48^3 at 1 mm
     img, lab = _phantom(A, shape, radius=18.0)
-    vol, m = preprocess_image(nib.Nifti1Image(img, A), spacing=1.0, grid=48)
+    vol, m = preprocess_image(nib.Nifti1Image(img, A), spacing=1.0, grid=48, crop=False)
     assert m.scale == pytest.approx(90.0 / 48.0)
     assert np.allclose(m.spacing, m.spacing[0])  # one factor: aspect ratio kept
     ones, _ = preprocess_label(nib.Nifti1Image(np.ones(shape, np.uint8), A), mapping=m)
@@ -77,6 +77,28 @@ def test_round_trip_fit_downscales_isotropically():
     glab, _ = preprocess_label(nib.Nifti1Image(lab, A), mapping=m)
     back = to_original(glab, m, kind="label")
     assert back.shape == shape and dice(back, lab) > 0.9  # coarser grid: boundary voxels differ
+
+
+def test_crop_to_foreground_keeps_resolution():
+    """A small head in a large field of view: cropping keeps 1 mm; outside the box maps back to 0."""
+    A = np.diag([1.0, 1.0, 1.0, 1.0])
+    shape = (90, 80, 70)
+    r = np.linalg.norm(np.indices(shape) - np.array([40.0, 45.0, 30.0])[:, None, None, None], axis=0)
+    img = np.where(r < 18, 50.0 + 30.0 * np.cos(r / 3.0), 0.0).astype(np.float32)
+    lab = (r < 10).astype(np.uint8)
+    _, full = preprocess_image(nib.Nifti1Image(img, A), spacing=1.0, grid=48, crop=False)
+    vol, m = preprocess_image(nib.Nifti1Image(img, A), spacing=1.0, grid=48)
+    assert full.scale == pytest.approx(90 / 48) and m.scale == 1.0
+    lo, hi = m.box
+    assert np.all(lo <= np.array([22, 27, 12])) and np.all(hi >= np.array([58, 63, 48]))
+    assert np.all(hi - lo + 1 <= 48)
+    glab, _ = preprocess_label(nib.Nifti1Image(lab, A), mapping=m)
+    back = to_original(glab, m, "label")
+    assert dice(back, lab) > 0.99
+    ones = to_original(np.ones(m.grid_shape, np.uint8), m, "label")
+    box = np.zeros(shape, bool)
+    box[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1] = True
+    np.testing.assert_array_equal(ones.astype(bool), box)
 
 
 def test_written_output_has_original_grid_and_header(tmp_path):

@@ -415,13 +415,13 @@ def _predict(args: argparse.Namespace) -> int:
     # 3) Contexts on the model grid (shared by every target).
     ctx_in, ctx_lab = [], []
     for c in contexts:
-        v, m = preprocess_image(c.image, spacing=spacing, grid=grid)
+        v, m = preprocess_image(c.image, spacing=spacing, grid=grid, crop=args.crop)
         ctx_in.append(v)
         if args.task == "seg":
             lab, _ = preprocess_label(c.label, mapping=m)
             ctx_lab.append(lab)
         else:
-            out_v, _ = preprocess_image(c.label, spacing=spacing, grid=grid)
+            out_v, _ = preprocess_image(c.label, mapping=m)  # same geometry as its image
             ctx_lab.append(out_v)
     if args.task == "seg":
         for ci, lab in enumerate(ctx_lab, start=1):
@@ -450,7 +450,7 @@ def _predict(args: argparse.Namespace) -> int:
         dynamic_ncols=True,
     )
     for timg, opath in zip(target_imgs, outs):
-        tv, tm = preprocess_image(timg, spacing=spacing, grid=grid)
+        tv, tm = preprocess_image(timg, spacing=spacing, grid=grid, crop=args.crop)
         probs = []
         for ch in chunks:
             B = max(1, len(ch))
@@ -568,6 +568,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--grid", type=int, nargs="+", default=[128], help="model grid, multiples of 16 (default 128)"
     )
     p.add_argument("--spacing", type=float, nargs="+", default=[1.0], help="resampling in mm (default 1.0)")
+    p.add_argument(
+        "--no-crop",
+        dest="crop",
+        action="store_false",
+        help="fit the whole field of view into the grid instead of the head/brain bounding box",
+    )
     p.add_argument("--threshold", type=float, default=0.5, help="seg: foreground threshold (default 0.5)")
     p.add_argument(
         "--output-intensity",

@@ -30,6 +30,7 @@ Images are Gaussian-prefiltered before downsampling (anti-aliasing,
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -42,6 +43,7 @@ from nibabel import orientations as ornt_mod
 __all__ = [
     "GridMapping",
     "plan_grid",
+    "foreground_box",
     "resample",
     "normalize_intensity",
     "preprocess_image",
@@ -94,6 +96,7 @@ class GridMapping:
     intensity: tuple[float, float] | None = None
     header: nib.Nifti1Header | None = field(default=None, repr=False)
     block: tuple[slice, slice, slice] | None = None
+    box: tuple[np.ndarray, np.ndarray] | None = None
 
     def _to_grid(self, data: np.ndarray, order: int, antialias: bool) -> np.ndarray:
         """Forward resampling; voxels outside the original field of view (the padding) are 0.
@@ -127,6 +130,7 @@ def plan_grid(
     spacing: float | Sequence[float] | None = 1.0,
     grid: int | Sequence[int] = 128,
     multiple_of: int = 16,
+    box: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> GridMapping:
     """Compute the mapping of a volume onto the model grid (no data touched).
 
@@ -135,6 +139,8 @@ def plan_grid(
         shape: its ``(X, Y, Z)``.
         spacing: target voxel size in mm (paper: 1 mm); ``None`` keeps the canonical voxel sizes.
         grid: model grid, one int or three, multiples of ``multiple_of``.
+        box: ``(lo, hi)`` inclusive original-voxel bounds of the region to fit (e.g. the head from
+            :func:`foreground_box`); default the whole field of view. Outside it, outputs are 0.
 
     Returns:
         :class:`GridMapping` with ``index_map`` Q (model voxel -> original voxel).
@@ -155,17 +161,25 @@ def plan_grid(
         target_axis = int(ornt[i, 0])
         canon_shape[target_axis] = shp[i]
     zooms = np.sqrt(((A @ T)[:3, :3] ** 2).sum(axis=0))  # canonical voxel sizes (mm)
+    if box is None:
+        lo_o, hi_o = np.zeros(3), np.asarray(shp, dtype=np.float64) - 1
+    else:
+        lo_o = np.clip(np.asarray(box[0], dtype=np.float64), 0, np.asarray(shp) - 1)
+        hi_o = np.clip(np.asarray(box[1], dtype=np.float64), lo_o, np.asarray(shp) - 1)
+    Tinv = np.linalg.inv(T)
+    corners = np.stack([Tinv @ np.r_[lo_o, 1.0], Tinv @ np.r_[hi_o, 1.0]])[:, :3]
+    c_lo, c_hi = corners.min(0), corners.max(0)  # the region in canonical voxels
 
     # 2) Resample to ``spacing`` and 3) fit into the grid with one isotropic factor.
-    extent = canon_shape * zooms  # field of view in mm per canonical axis
+    extent = (c_hi - c_lo + 1) * zooms  # field of view in mm per canonical axis
     sp = zooms.copy() if spacing is None else _triple(spacing, "spacing")
     f = float(max(1.0, np.max(extent / (sp * G))))
     eff = sp * f
     m = np.clip(np.rint(extent / eff), 1, G)  # occupied voxels per axis
     ratio = eff / zooms  # canonical voxels per model voxel
     pad = np.floor((G - m) / 2.0)
-    # Centre of the occupied block (pad + (m-1)/2) maps to the FOV centre ((S-1)/2).
-    offset = (canon_shape - 1) / 2.0 - (pad + (m - 1) / 2.0) * ratio
+    # Centre of the occupied block (pad + (m-1)/2) maps to the region's centre.
+    offset = (c_lo + c_hi) / 2.0 - (pad + (m - 1) / 2.0) * ratio
     S = np.eye(4)
     S[:3, :3] = np.diag(ratio)
     S[:3, 3] = offset
@@ -178,8 +192,30 @@ def plan_grid(
         index_map=Q,
         spacing=eff,
         scale=f,
-        block=block,
-    )  # type: ignore[arg-type]
+        block=block,  # type: ignore[arg-type]
+        box=None if box is None else (lo_o.astype(int), hi_o.astype(int)),
+    )
+
+
+def foreground_box(
+    data: np.ndarray, threshold: float = 0.05, min_fraction: float = 1e-3, margin: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bounding box ``(lo, hi)`` (inclusive voxel indices) of the object in a [0, 1]-normalised volume.
+
+    A slice belongs to the object when more than ``min_fraction`` of its voxels exceed ``threshold``
+    (robust to isolated noisy background voxels); ``margin`` voxels are added on each side. An empty
+    volume gives the whole field of view.
+    """
+    fg = np.asarray(data) > threshold
+    lo, hi = np.zeros(3, dtype=int), np.asarray(fg.shape) - 1
+    for ax in range(3):
+        other = tuple(a for a in range(3) if a != ax)
+        frac = fg.mean(axis=other)
+        idx = np.flatnonzero(frac > min_fraction)
+        if len(idx):
+            lo[ax] = max(0, idx[0] - margin)
+            hi[ax] = min(fg.shape[ax] - 1, idx[-1] + margin)
+    return lo, hi
 
 
 def _antialias_sigma(M: np.ndarray) -> np.ndarray:
@@ -276,16 +312,27 @@ def preprocess_image(
     grid: int | Sequence[int] = 128,
     percentiles: tuple[float, float] = (0.02, 0.98),
     mapping: GridMapping | None = None,
+    crop: bool = True,
 ) -> tuple[np.ndarray, GridMapping]:
     """Image -> model grid: canonical, ``spacing`` mm, fitted in ``grid``, normalised to [0, 1].
+
+    Args:
+        mapping: reuse this geometry (e.g. a context label image on its image's grid); a copy
+            carrying this image's intensity percentiles is returned.
+        crop: fit the object's bounding box (:func:`foreground_box`) rather than the whole field
+            of view, so a 256 mm scan of a 150 mm brain keeps ~1 mm voxels instead of being
+            shrunk to fit; voxels outside the box map back to 0.
 
     Returns:
         ``(volume (D, H, W) float32 in [0, 1], mapping)``; padding is 0.
     """
     data, affine, header = _as_array_affine(img)
-    if mapping is None:
-        mapping = plan_grid(affine, data.shape, spacing=spacing, grid=grid)
     norm, (lo, hi) = normalize_intensity(data, *percentiles)
+    if mapping is None:
+        box = foreground_box(norm) if crop else None
+        mapping = plan_grid(affine, data.shape, spacing=spacing, grid=grid, box=box)
+    else:
+        mapping = dataclasses.replace(mapping)
     vol = mapping._to_grid(norm, order=1, antialias=True)
     np.clip(vol, 0.0, 1.0, out=vol)
     mapping.intensity = (lo, hi)
@@ -331,6 +378,12 @@ def to_original(volume: np.ndarray, mapping: GridMapping, kind: str = "image") -
     order = 0 if kind == "label" else 1
     # mode="nearest": original voxels in the half-voxel rim outside the grid's
     # sample centres take the edge value instead of 0.
-    return resample(
+    out = resample(
         vol, mapping.inverse_map, mapping.orig_shape, order=order, mode="nearest", antialias=(order == 1)
     )
+    if mapping.box is not None:  # outside the fitted region nothing was predicted
+        lo, hi = mapping.box
+        keep = np.zeros(out.shape, dtype=bool)
+        keep[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1] = True
+        out[~keep] = 0
+    return out
