@@ -305,9 +305,9 @@ def test_two_process_gloo_stays_in_sync(dataset, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(_DDP_SCRIPT))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(script), str(cfg), str(tmp_path)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     p0, p1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     i0 = load_file(str(tmp_path / "init0.safetensors"))
