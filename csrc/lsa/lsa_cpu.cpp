@@ -25,6 +25,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
+
 #include "lsa_cpu.h"
 
 namespace vicl_fast {
@@ -72,10 +74,13 @@ void copy_work<double, double>(const double* x, int64_t wr, int64_t wc, int64_t 
   }
 }
 
-// Solves cost[b0:b1] of a (B, N, M) tensor whose data has element type S,
-// computing in T (float, or double for float64 input).
+// Solves the matrices of a (B, N, M) tensor whose data has element type S,
+// computing in T (float, or double for float64 input). Matrices are handed out
+// one at a time from a shared counter (dynamic schedule): their solve times
+// differ by up to ~10x with the cost structure, and a thread that the OS
+// deschedules (shared machines) does not hold back a fixed share of the batch.
 template <typename S, typename T>
-void solve_range(const at::Tensor& cost, bool maximize, int64_t b0, int64_t b1, int64_t* rows, int64_t* cols,
+void solve_queue(const at::Tensor& cost, bool maximize, std::atomic<int64_t>& next, int64_t* rows, int64_t* cols,
                  int32_t* status) {
   const int64_t N = cost.size(1), M = cost.size(2);
   const bool transposed = N > M;
@@ -85,8 +90,10 @@ void solve_range(const at::Tensor& cost, bool maximize, int64_t b0, int64_t b1, 
   const S* base = cost.const_data_ptr<S>();
   const bool direct = std::is_same<S, T>::value && !maximize && (wc == 1 || C == 1);
   const Isa which = isa();
+  const int64_t B = cost.size(0);
   Workspace ws;
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = next.fetch_add(1, std::memory_order_relaxed); b < B;
+       b = next.fetch_add(1, std::memory_order_relaxed)) {
     const S* x = base + b * sb;
     int st;
     if (direct) {
@@ -141,13 +148,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_sum_assignment_cpu(const a
   int64_t* rp = rows.data_ptr<int64_t>();
   int64_t* cp = cols.data_ptr<int64_t>();
   int32_t* sp = status.data_ptr<int32_t>();
-  // One matrix per task: matrices are independent and each is O(N^2..N^3).
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    switch (dt) {
-      case at::kFloat: solve_range<float, float>(cost, maximize, b0, b1, rp, cp, sp); break;
-      case at::kDouble: solve_range<double, double>(cost, maximize, b0, b1, rp, cp, sp); break;
-      case at::kHalf: solve_range<at::Half, float>(cost, maximize, b0, b1, rp, cp, sp); break;
-      default: solve_range<at::BFloat16, float>(cost, maximize, b0, b1, rp, cp, sp); break;
+  // Matrices are independent: one worker per thread (at most one per matrix),
+  // each pulling matrices from the shared counter until the batch is done.
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      switch (dt) {
+        case at::kFloat: solve_queue<float, float>(cost, maximize, next, rp, cp, sp); break;
+        case at::kDouble: solve_queue<double, double>(cost, maximize, next, rp, cp, sp); break;
+        case at::kHalf: solve_queue<at::Half, float>(cost, maximize, next, rp, cp, sp); break;
+        default: solve_queue<at::BFloat16, float>(cost, maximize, next, rp, cp, sp); break;
+      }
     }
   });
   return {rows, cols, status};
