@@ -454,3 +454,11 @@ def test_console_script(env, tmp_path):
     assert bad.returncode == 3
     assert bad.stderr.strip().startswith("vicl-fast: error: target file not found")
     assert "Traceback" not in bad.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_train_subcommand_routes_to_trainer(tmp_path, capsys):
+    from vicl_fast.cli import main
+
+    missing = tmp_path / "nope.yaml"
+    assert main(["train", "--config", str(missing)]) == 2
+    assert "config file not found" in capsys.readouterr().err

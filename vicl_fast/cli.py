@@ -598,8 +598,15 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_info)
 
 
-#: Subcommand registrars, in help order; ``train`` is appended by the training code.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_predict, _add_info]
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train Neuroverse3D or a RandP model from a YAML config",
+                       description="Arguments are those of `python -m vicl_fast.training`"
+                       " (--config CONFIG.yaml [--set key=value ...] [--resume auto|none|DIR] [--check]).")
+    p.set_defaults(func=None)
+
+
+#: Subcommand registrars, in help order.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_predict, _add_train, _add_info]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -626,9 +633,15 @@ def _err(msg: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vicl-fast`` console script; returns the exit code (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        # The trainer owns its options (argparse cannot forward "--config ..." through a subparser).
+        from vicl_fast.training import main as train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return EXIT_USAGE
