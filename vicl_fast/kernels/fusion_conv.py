@@ -70,7 +70,7 @@ def _fusion_block_forward_kernel(
     num_s = (N + BLOCK_P - 1) // BLOCK_P
     pid_n = pid % num_n
     rest = pid // num_n
-    l_idx = rest % L
+    l_idx = (rest % L).to(tl.int64)  # int64: l * stride_l can pass 2^31 (L=64, C=32, 128^3)
     rest = rest // L
     pid_s = rest % num_s
     b_idx = (rest // num_s).to(tl.int64)
