@@ -158,6 +158,42 @@ def test_gather_rows_add_empty():
     assert out.shape == (2, 0, 3)
 
 
+# ----------------------------------------------------------------------------- CPU: op wiring
+# The compiled ops have CUDA kernels only. Registering plain-PyTorch CPU
+# stand-ins for the test's duration checks, on CPU, the Python side that the
+# CUDA path relies on: fake impls (torch.compile), the autograd formula
+# (gather -> scatter_rows_add) and its double backward.
+
+def _ops_defined() -> bool:
+    return all(rk._op_exists(n) for n in ("cosine_cost", "gather_rows_add", "scatter_rows_add"))
+
+
+@pytest.fixture
+def cpu_standins():
+    if not _ops_defined():
+        pytest.skip("vicl_fast._C does not define the RandP ops")
+    lib = torch.library.Library("vicl_fast", "IMPL")
+    lib.impl("gather_rows_add", lambda src, index, add: rk.gather_rows_add_reference(src, index, add), "CPU")
+    lib.impl("scatter_rows_add", lambda g, index, P: rk.scatter_rows_add_reference(g, index, P), "CPU")
+    lib.impl("cosine_cost", lambda a, b, eps: rk.cosine_cost_reference(a, b, eps), "CPU")
+    yield
+    lib._destroy()
+
+
+def test_op_autograd_and_fake_registrations(cpu_standins):
+    src = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    add = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([[0, 0, 4, 2, 0, 4], [1, 2, 3, 4, 0, 1]])
+    f = lambda s, a: torch.ops.vicl_fast.gather_rows_add(s, idx, a)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (src, add))
+    assert torch.autograd.gradgradcheck(f, (src, add))
+    assert torch.autograd.gradcheck(lambda s: torch.ops.vicl_fast.gather_rows_add(s, idx, None), (src,))
+    s32, a32 = src.detach().float().requires_grad_(), add.detach().float().requires_grad_()
+    torch.library.opcheck(torch.ops.vicl_fast.gather_rows_add.default, (s32, idx, a32))
+    torch.library.opcheck(torch.ops.vicl_fast.scatter_rows_add.default, (a32.detach(), idx, 5))
+    torch.library.opcheck(torch.ops.vicl_fast.cosine_cost.default, (torch.randn(2, 4, 8), torch.randn(2, 3, 8), 1e-6))
+
+
 # ----------------------------------------------------------------------------- GPU
 
 cuda_kernels = pytest.mark.skipif(
