@@ -283,6 +283,9 @@ def test_dtypes(dtype):
     if dtype != torch.float64:  # half types compute on their exact float32 value
         r2, c2 = linear_sum_assignment(cost.float())
         assert torch.equal(rows, r2) and torch.equal(cols, c2)
+    rect = make_cost("uniform", 3, 30, 12, gen).to(dtype).transpose(1, 2)  # (3, 12, 30) strided view
+    rows, cols = linear_sum_assignment(rect, maximize=True)
+    assert_optimal(rect, rows, cols, maximize=True)
 
 
 def test_non_contiguous_inputs():

@@ -44,31 +44,6 @@ struct StepResult {
 //     r = ((minVal + c[i][j]) - u[i]) - v[j];  if r < d[j]: d[j] = r, path[j] = i
 //   return the column of smallest key (d[j], row4col[j] != -1, j).
 // ---------------------------------------------------------------------------
-template <typename T>
-StepResult relax_scalar(const T* __restrict crow, double minVal, double ui, const double* __restrict v,
-                        double* __restrict d, int32_t* __restrict path, int32_t i,
-                        const int32_t* __restrict row4col, int64_t C) {
-  double bestd = kInf;
-  int64_t bestj = -1;
-  bool bestfree = false;
-  for (int64_t j = 0; j < C; ++j) {
-    double dj = d[j];
-    const double r = ((minVal + static_cast<double>(crow[j])) - ui) - v[j];
-    if (r < dj) {
-      d[j] = r;
-      path[j] = i;
-      dj = r;
-    }
-    const bool fr = row4col[j] < 0;
-    if (dj < bestd || (dj == bestd && fr && !bestfree)) {
-      bestd = dj;
-      bestj = j;
-      bestfree = fr;
-    }
-  }
-  return {bestj, bestd};
-}
-
 // Final tie rule of the vector kernels: jm is the lowest column with d == m,
 // mf the smallest d over free columns. Only when a free column ties with the
 // minimum but jm is assigned do we look for the lowest free column at m (rare).
@@ -83,6 +58,32 @@ inline StepResult finish_argmin(const double* d, const int32_t* row4col, int64_t
     }
   }
   return {jm, d[jm]};
+}
+
+template <typename T>
+StepResult relax_scalar(const T* __restrict crow, double minVal, double ui, const double* __restrict v,
+                        double* __restrict d, int32_t* __restrict path, int32_t i,
+                        const int32_t* __restrict row4col, int64_t C) {
+  // Same bookkeeping as the vector kernels: the smallest d and the lowest
+  // column attaining it, plus the smallest d over free columns; then
+  // finish_argmin applies the free-column tie rule.
+  double m = kInf, mf = kInf;
+  int64_t jm = -1;
+  for (int64_t j = 0; j < C; ++j) {
+    const double dj = d[j];
+    const double r = ((minVal + static_cast<double>(crow[j])) - ui) - v[j];
+    const bool lt = r < dj;  // false for scanned (NaN) columns
+    const double dn = lt ? r : dj;
+    d[j] = dn;
+    path[j] = lt ? i : path[j];
+    if (dn < m) {
+      m = dn;
+      jm = j;
+    }
+    mf = (row4col[j] < 0 && dn < mf) ? dn : mf;
+  }
+  if (!(m < kInf)) return {-1, kInf};
+  return finish_argmin(d, row4col, C, m, mf, jm);
 }
 
 #ifdef VICL_LSA_X86
