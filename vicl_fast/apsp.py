@@ -117,15 +117,17 @@ def _elem_bytes(model, target: torch.Tensor) -> int:
 
 def estimate_memory(model, spatial: Sequence[int], batch: int = 1, *, training: bool = False,
                     elem_bytes: int = 4) -> tuple[int, int]:
-    """Estimated bytes ``(fixed, per_context)`` of one forward (heuristic, for ``l="auto"``).
+    """Estimated bytes ``(fixed, per_context)`` of one step beyond the model itself
+    (heuristic, for ``l="auto"``; the parameters are already allocated when it is used).
 
-    With S_k = C_k x voxels_k summed over stages (``sigma``) and S_0 the full-resolution level:
-    inference holds per context its encoder skips and returned features
-    (~2 sigma) plus ~4 full-resolution working buffers; training with a graph
-    keeps ~16 sigma per context (every conv input, GELU input and fusion
-    input). Fixed: target features, ``W_t t``, running sums, decoder buffers
-    (~8 sigma) and the parameters (x4 when training: grads, Adam moments).
-    The constants were checked against measured peaks (benchmarks/RESULTS.md).
+    With ``sigma`` = sum over stages of C_k x voxels_k and ``top`` = C_0 x voxels_0
+    (per sample): inference keeps per context its encoder skips and returned
+    features (~sigma) plus ~2-3 full-resolution working buffers; fixed: target
+    features, ``W_t t``, running sums and decoder buffers (~4 sigma). Measured
+    on the CPU (fast path, fp32, 64^3, default model): 129 MB per context and
+    130 MB fixed, vs 161 MB and 179 MB estimated here. Training with a graph
+    keeps ~16 sigma per context (every conv, GELU and fusion input), ~24 sigma
+    fixed plus one copy of the parameters for their gradients.
     """
     C = model.channels
     V = [math.prod(s // 2 ** k for s in spatial) for k in range(len(C))]
@@ -134,10 +136,10 @@ def estimate_memory(model, spatial: Sequence[int], batch: int = 1, *, training: 
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     if training:
         per = 16 * sigma * elem_bytes
-        fixed = 24 * sigma * elem_bytes + 4 * params
+        fixed = 24 * sigma * elem_bytes + params
     else:
-        per = (2 * sigma + 4 * top) * elem_bytes
-        fixed = 8 * sigma * elem_bytes + params
+        per = (sigma + 3 * top) * elem_bytes
+        fixed = 4 * sigma * elem_bytes
     return int(fixed), int(per)
 
 
@@ -310,9 +312,10 @@ class _Runner:
         self.model, self.ci, self.co, self.chunks = model, context_in, context_out, chunks
         self.fast, self.device, self.L = fast, device, L
         self.params = [p for p in model.context_unet.parameters()]
+        self.dtype = self.params[0].dtype
 
     def stream(self) -> ContextStream:
-        return ContextStream(self.ci, self.co, self.chunks, self.device)
+        return ContextStream(self.ci, self.co, self.chunks, self.device, self.dtype)
 
 
 def context_means(model, tctx: Sequence[torch.Tensor], context_in: torch.Tensor, context_out: torch.Tensor,
@@ -335,7 +338,8 @@ def context_means(model, tctx: Sequence[torch.Tensor], context_in: torch.Tensor,
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     L = context_in.shape[1]
-    device = next(model.parameters()).device
+    p0 = next(model.parameters())
+    device, dtype = p0.device, p0.dtype
     chunks = mini_context_chunks(L, l)
     n = len(chunks)
     if grad is None:
@@ -347,12 +351,12 @@ def context_means(model, tctx: Sequence[torch.Tensor], context_in: torch.Tensor,
         raise ValueError("gradients with respect to context_in/context_out need apsp_mode='full' "
                          "(or l=None); 'exact' and 'scaled' treat the contexts as constants")
     if not grad or mode == "full" or n == 1:
-        sums = _accumulate(model, ContextStream(context_in, context_out, chunks, device), tctx, fast)
+        sums = _accumulate(model, ContextStream(context_in, context_out, chunks, device, dtype), tctx, fast)
         return [s / L for s in sums] if grad else [s.div_(L) for s in sums]
     if mode == "scaled":
         with torch.no_grad():
-            sums = _accumulate(model, ContextStream(context_in, context_out, chunks[:-1], device), tctx, fast)
-        ci, co, _ = next(iter(ContextStream(context_in, context_out, chunks[-1:], device)))
+            sums = _accumulate(model, ContextStream(context_in, context_out, chunks[:-1], device, dtype), tctx, fast)
+        ci, co, _ = next(iter(ContextStream(context_in, context_out, chunks[-1:], device, dtype)))
         feats = model._context_branch(ci, co, tctx, fast)
         return [(s + _ScaleGrad.apply(f.sum(1, dtype=s.dtype), float(n))) / L for s, f in zip(sums, feats)]
     runner = _Runner(model, context_in, context_out, chunks, fast, device, L)
@@ -381,8 +385,9 @@ def apsp_forward(model, target_in: torch.Tensor, context_in: torch.Tensor, conte
     if mode not in _MODES:
         raise ValueError(f"apsp mode must be one of {_MODES}, got {mode!r}")
     fast = model.fast if fast is None else bool(fast)
-    device = next(model.parameters()).device
-    target = target_in.to(device)
+    p0 = next(model.parameters())
+    device = p0.device
+    target = target_in.to(device, p0.dtype)
     grad = torch.is_grad_enabled() and (
         target.requires_grad or context_in.requires_grad or context_out.requires_grad
         or any(p.requires_grad for p in model.parameters()))
