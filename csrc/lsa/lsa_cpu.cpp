@@ -151,7 +151,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_sum_assignment_cpu(const a
   // Matrices are independent: one worker per thread (at most one per matrix),
   // each pulling matrices from the shared counter until the batch is done.
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+  // Tiny batches stay on the calling thread: waking the pool costs more than solving.
+  constexpr int64_t kEntriesPerWorker = 16384;
+  const int64_t by_size = (B * N * M + kEntriesPerWorker - 1) / kEntriesPerWorker;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>({int64_t{at::get_num_threads()}, B, by_size}));
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       switch (dt) {
