@@ -245,7 +245,10 @@ def _accumulate(model, stream: Iterator, tctx: Sequence[torch.Tensor], fast: boo
             sums = [f.sum(1, dtype=_acc_dtype(f)) for f in feats]
         else:
             for s, f in zip(sums, feats):
-                s.add_(f.sum(1, dtype=s.dtype))
+                if f.shape[1] == 1:  # add in place, no temporary of the sum's size
+                    s.add_(f[:, 0])
+                else:
+                    s.add_(f.sum(1, dtype=s.dtype))
         del feats
     return sums
 
