@@ -117,9 +117,12 @@ class Trainer:
     Args:
         cfg: a validated config (:func:`vicl_fast.training.config.load_config`).
         env: distributed environment (default: detected from torchrun's variables).
+        sources: subject pools to train on instead of ``build_sources(cfg)`` (one per entry of
+            ``cfg.data.datasets``, same order), e.g. a hand-picked split of the demo heads
+            (``vicl_fast.main_job`` trains on one head and predicts the other).
     """
 
-    def __init__(self, cfg: Config, env: D.DistEnv | None = None):
+    def __init__(self, cfg: Config, env: D.DistEnv | None = None, sources: list | None = None):
         self.cfg = cfg
         self.env = env or D.init_distributed(cfg.train.device)
         setup_console_logging(self.env.is_main)
@@ -131,7 +134,7 @@ class Trainer:
         self.family = cfg.family
         self.device = self.env.device
         # ---- data (every start-up check happens here, before the model is built)
-        self.sources = build_sources(cfg)
+        self.sources = build_sources(cfg) if sources is None else list(sources)
         self.tasks, self.providers = resolve_tasks(cfg, self.sources)
         self.task_kinds = [TASK_KINDS[tk.name] for tk in self.tasks]
         self.train_ds = EpisodeDataset(cfg, self.sources, self.tasks, self.providers, "train")
