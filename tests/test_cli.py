@@ -431,9 +431,16 @@ def test_cuda_unavailable(env, tmp_path, capsys):
 
 
 def test_console_script(env, tmp_path):
+    import os
+
+    import vicl_fast
+
     exe = shutil.which("vicl-fast")
     cmd = [exe] if exe else [sys.executable, "-m", "vicl_fast.cli"]
-    info = subprocess.run([*cmd, "info"], capture_output=True, text=True, timeout=120)
+    # The package under test first on the path: a stale editable install elsewhere must not win.
+    root = str(Path(vicl_fast.__file__).resolve().parents[1])
+    penv = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    info = subprocess.run([*cmd, "info"], capture_output=True, text=True, timeout=120, env=penv)
     assert info.returncode == 0 and "cpp" in info.stdout
     bad = subprocess.run(
         [
@@ -450,6 +457,7 @@ def test_console_script(env, tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        env=penv,
     )
     assert bad.returncode == 3
     assert bad.stderr.strip().startswith("vicl-fast: error: target file not found")
