@@ -340,6 +340,12 @@ def _bad_cases(env: Path, tmp: Path):
             "non-integer",
         ),
         "absent label value": (["--target", t0, "--context", c0i, c0l, "--labels", "1,3"], 5, "absent"),
+        "label absent from one context (all)": (
+            ["--target", t0, "--context", c0i, c0l, "--context", c0i, str(env / "ctx/c0_multi.nii.gz"),
+             "--labels", "all"],
+            5,
+            "lacks label(s) [2]",
+        ),
         "zero contexts": (["--target", t0], 6, "no context"),
         "zero contexts (csv)": (["--target", t0, "--contexts", str(csv_empty)], 6, "no context"),
         "model not a checkpoint": (
@@ -376,6 +382,7 @@ def _bad_cases(env: Path, tmp: Path):
         "non-binary label",
         "float label",
         "absent label value",
+        "label absent from one context (all)",
         "zero contexts",
         "zero contexts (csv)",
         "model not a checkpoint",

@@ -239,7 +239,17 @@ def _resolve_labels(contexts: Sequence[_Context], requested: list[int] | str | N
                 )
         return [1]
     if requested == "all":
-        return sorted(set().union(*[set(c.values.tolist()) for c in contexts]) - {0})
+        union = sorted(set().union(*[set(c.values.tolist()) for c in contexts]) - {0})
+        # A context without a label would show the model "no such structure" for it.
+        for i, c in enumerate(contexts, start=1):
+            missing = sorted(set(union) - set(c.values.tolist()))
+            if missing:
+                raise BadLabelError(
+                    f"--labels all: context label {i} ({c.label_path.name}) lacks label(s) {missing[:8]} "
+                    "present in other contexts; every context must contain every label "
+                    "(drop that pair, or list the shared labels with --labels)"
+                )
+        return union
     for v in requested:
         for i, c in enumerate(contexts, start=1):
             if v not in set(c.values.tolist()):
