@@ -471,6 +471,56 @@ def test_console_script(env, tmp_path):
     assert "Traceback" not in bad.stderr and list(tmp_path.iterdir()) == []
 
 
+def _fake_dicom_target(folder: Path, src: Path):
+    """Write the NIfTI ``src`` as axial DICOM-like slices; return (folder, canonical NIfTI, pydicom stand-in).
+
+    pydicom is optional and not installed here: ``dcmread`` of the stand-in unpickles the attributes.
+    """
+    import pickle
+    import types
+
+    img = nib.as_closest_canonical(nib.load(str(src)))
+    vol = np.asarray(img.dataobj)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine  # RAS -> LPS
+    zoom = np.linalg.norm(img.affine[:3, :3], axis=0)
+    folder.mkdir()
+    for k in range(vol.shape[2]):
+        attrs = {
+            "ImagePositionPatient": list((lps @ [0, 0, k, 1.0])[:3]),
+            "ImageOrientationPatient": list(lps[:3, 0] / zoom[0]) + list(lps[:3, 1] / zoom[1]),
+            "PixelSpacing": [zoom[1], zoom[0]],
+            "Rows": vol.shape[1],
+            "Columns": vol.shape[0],
+            "SeriesInstanceUID": "1.2",
+            "PixelData": b"",
+            "pixel_array": vol[:, :, k].T.copy(),
+        }
+        (folder / f"{k:03d}.dcm").write_bytes(b"\0" * 128 + b"DICM" + pickle.dumps(attrs))
+    stub = types.ModuleType("pydicom")
+    stub.dcmread = lambda path, **_: types.SimpleNamespace(**pickle.loads(Path(path).read_bytes()[132:]))
+    return folder, img, stub
+
+
+def test_dicom_target(env, tmp_path, capsys, monkeypatch):
+    """A DICOM series folder as --target: without pydicom a clear exit 3 and nothing written; with it,
+    the output lies on the series' grid and equals the prediction for the same scan given as NIfTI."""
+    folder, canon, stub = _fake_dicom_target(tmp_path / "dicom", env / "targets/t0.nii.gz")
+    out, ref_out = tmp_path / "o.nii.gz", tmp_path / "r.nii.gz"
+    base = ["predict", *_ctx_args(env, "image"), "--task", "gen", "--model", str(env / "tiny.safetensors"), *GRID]
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
+    rc = main([*base, "--target", str(folder), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 3 and "pip install pydicom" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    monkeypatch.setitem(sys.modules, "pydicom", stub)
+    assert main([*base, "--target", str(folder), "--out", str(out)]) == 0
+    res = nib.load(str(out))
+    assert res.shape == canon.shape and np.allclose(res.affine, canon.affine, atol=1e-5)
+    nib.save(canon, str(tmp_path / "ref.nii.gz"))
+    assert main([*base, "--target", str(tmp_path / "ref.nii.gz"), "--out", str(ref_out)]) == 0
+    np.testing.assert_allclose(np.asarray(res.dataobj), np.asarray(nib.load(str(ref_out)).dataobj), atol=1e-6)
+
+
 def test_train_subcommand_routes_to_trainer(tmp_path, capsys):
     from vicl_fast.cli import main
 

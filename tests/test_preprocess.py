@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import pickle
+import sys
+import types
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
 import nibabel as nib
 
-from vicl_fast.data.io import BadImageError, OutputError, UnreadableFileError, load_nifti, save_nifti
+from vicl_fast.data.io import (
+    BadImageError,
+    OutputError,
+    UnreadableFileError,
+    is_dicom_dir,
+    load_nifti,
+    load_volume,
+    save_nifti,
+)
 from vicl_fast.data.metrics import dice
 from vicl_fast.data.preprocess import (
     check_grid,
@@ -206,3 +219,103 @@ def test_save_nifti_atomic_on_failure(tmp_path):
     with pytest.raises(nib.spatialimages.HeaderDataError):
         save_nifti(np.zeros((2, 2, 2), dtype=object), np.eye(4), tmp_path / "y.nii.gz")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- DICOM (optional pydicom)
+# pydicom is not a dependency and is not installed here, so these tests put a minimal stand-in module
+# in sys.modules: ``dcmread`` unpickles the attributes written by ``_write_series``. The geometry is
+# checked against the DICOM standard's per-pixel formula, not against the reader's own affine code.
+
+
+def _fake_pydicom() -> types.ModuleType:
+    mod = types.ModuleType("pydicom")
+
+    def dcmread(path, **_):
+        raw = Path(path).read_bytes()
+        if raw[128:132] != b"DICM":
+            raise ValueError("not DICOM")
+        return types.SimpleNamespace(**pickle.loads(raw[132:]))
+
+    mod.dcmread = dcmread
+    return mod
+
+
+def _series_geometry(tilt: float = 0.0):
+    R = Rotation.from_euler("xyz", (15, -25, 40), degrees=True).as_matrix()
+    row_cos, col_cos = R[:, 0], R[:, 1]
+    normal = np.cross(row_cos, col_cos)
+    step = 2.5 * normal + tilt * row_cos  # tilt: gantry-tilted (sheared) series
+    s0 = np.array([-80.0, 60.0, -30.0])
+    return row_cos, col_cos, step, s0
+
+
+def _write_series(folder: Path, vol: np.ndarray, tilt=0.0, uid="1.2.3", positions=None, slope=2.0, inter=-10.0):
+    """Slices of ``vol (columns, rows, slices)`` as DICOM-like files, in shuffled name order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    row_cos, col_cos, step, s0 = _series_geometry(tilt)
+    n = vol.shape[2]
+    names = np.random.default_rng(0).permutation(n)
+    for k in range(n):
+        ipp = s0 + k * step if positions is None else positions[k]
+        attrs = {
+            "ImagePositionPatient": [str(v) for v in ipp],
+            "ImageOrientationPatient": list(row_cos) + list(col_cos),
+            "PixelSpacing": [0.8, 0.6],  # between rows, between columns
+            "Rows": vol.shape[1],
+            "Columns": vol.shape[0],
+            "RescaleSlope": slope,
+            "RescaleIntercept": inter,
+            "SeriesInstanceUID": uid,
+            "PixelData": b"...",
+            "pixel_array": vol[:, :, k].T.copy(),  # (rows, columns)
+        }
+        (folder / f"IM{names[k]:04d}").write_bytes(b"\0" * 128 + b"DICM" + pickle.dumps(attrs))
+    return folder
+
+
+@pytest.mark.parametrize("tilt", [0.0, 0.4])
+def test_dicom_series_geometry_and_values(tmp_path, monkeypatch, tilt):
+    monkeypatch.setitem(sys.modules, "pydicom", _fake_pydicom())
+    vol = np.random.default_rng(1).integers(0, 500, size=(7, 5, 6)).astype(np.int16)
+    d = _write_series(tmp_path / "series", vol, tilt=tilt)
+    assert is_dicom_dir(d) and not is_dicom_dir(tmp_path)
+    img = load_volume(d, "target")
+    assert img.shape == vol.shape
+    np.testing.assert_allclose(np.asarray(img.dataobj), vol * 2.0 - 10.0)
+    row_cos, col_cos, step, s0 = _series_geometry(tilt)
+    for c, r, k in [(0, 0, 0), (6, 4, 5), (3, 1, 2), (5, 0, 4)]:
+        # PS3.3 C.7.6.2.1.1: P = S_k + X_r * (column spacing) * c + X_c * (row spacing) * r, in LPS.
+        lps = (s0 + k * step) + row_cos * 0.6 * c + col_cos * 0.8 * r
+        ras = lps * np.array([-1.0, -1.0, 1.0])
+        np.testing.assert_allclose((img.affine @ [c, r, k, 1.0])[:3], ras, atol=1e-6)
+    assert int(img.header["sform_code"]) == 1
+    # The image preprocesses and maps back like any NIfTI.
+    vol01, m = preprocess_image(img, spacing=2.0, grid=32)
+    assert to_original(vol01, m).shape == vol.shape
+
+
+def test_dicom_errors(tmp_path, monkeypatch):
+    vol = np.ones((4, 3, 3), np.int16)
+    d = _write_series(tmp_path / "s", vol)
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
+    with pytest.raises(UnreadableFileError, match="pip install pydicom"):
+        load_volume(d, "target")
+    monkeypatch.setitem(sys.modules, "pydicom", _fake_pydicom())
+    two = _write_series(tmp_path / "two", vol)
+    first = sorted(two.iterdir())[0]
+    attrs = pickle.loads(first.read_bytes()[132:])
+    attrs["SeriesInstanceUID"] = "9.9"  # one slice of another series in the folder
+    first.write_bytes(b"\0" * 128 + b"DICM" + pickle.dumps(attrs))
+    with pytest.raises(BadImageError, match="2 DICOM series"):
+        load_volume(two, "target")
+    same = [np.zeros(3)] * 3
+    with pytest.raises(BadImageError, match="share one position"):
+        load_volume(_write_series(tmp_path / "4d", vol, positions=same), "target")
+    gappy = [np.zeros(3), np.array([0, 0, 2.5]), np.array([0, 0, 7.5])]
+    row_cos, col_cos, _, _ = _series_geometry()
+    normal = np.cross(row_cos, col_cos)
+    gappy = [g[2] * normal for g in gappy]
+    with pytest.raises(BadImageError, match="irregular"):
+        load_volume(_write_series(tmp_path / "gap", vol, positions=gappy), "target")
+    with pytest.raises(UnreadableFileError, match="DICOM slices"):
+        load_nifti(d, "target")  # the NIfTI reader names the DICOM alternative

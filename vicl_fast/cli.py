@@ -10,6 +10,8 @@ Usage (segmentation of one scan from two labelled examples)::
         --trust-checkpoint --out predictions/          # batch mode, multi-label, authors' checkpoint
     vicl-fast info                                     # compiled / CUDA / Triton backends
 
+Inputs are NIfTI files; a folder holding one DICOM series is read too when
+``pydicom`` is installed (``pip install pydicom``; see :mod:`vicl_fast.data.io`).
 Every output lands on the target's own voxel grid with its affine and header
 (labels nearest neighbour, images linear), written atomically (temp file +
 rename). All inputs are read and checked before the model runs.
@@ -20,7 +22,8 @@ Exit codes (each with a one-line ``vicl-fast: error: ...`` on stderr):
 0     success
 1     internal error (a bug; ``VICL_FAST_DEBUG=1`` shows the traceback)
 2     usage error (bad or missing option; argparse's convention)
-3     a file is missing, unreadable or not NIfTI; an empty input folder
+3     a file is missing, unreadable or not NIfTI; an empty input folder; a
+      DICOM folder without pydicom installed
 4     bad image: not 3D, NaN voxels, or a context image and label whose
       shapes or affines differ
 5     bad label: empty, non-integer, or non-binary for a binary task, or a
@@ -58,8 +61,9 @@ from vicl_fast.data.io import (
     OutputError,
     UnreadableFileError,
     check_same_grid,
+    is_dicom_dir,
     is_nifti_path,
-    load_nifti,
+    load_volume,
     nifti_stem,
     save_nifti,
 )
@@ -168,7 +172,7 @@ def _collect_contexts(args: argparse.Namespace) -> list[tuple[Path, Path]]:
 
 def _collect_targets(target: str) -> list[Path]:
     p = Path(target)
-    if p.is_dir():
+    if p.is_dir() and not is_dicom_dir(p):
         files = _nifti_files(p)
         if not files:
             raise UnreadableFileError(f"target folder {p} contains no .nii/.nii.gz files")
@@ -202,8 +206,8 @@ class _Context:
 def _load_contexts(pairs: Sequence[tuple[Path, Path]], task: str) -> list[_Context]:
     out = []
     for i, (ip, lp) in enumerate(pairs, start=1):
-        img = load_nifti(ip, f"context image {i}")
-        lab = load_nifti(lp, f"context label {i}")
+        img = load_volume(ip, f"context image {i}")
+        lab = load_volume(lp, f"context label {i}")
         check_same_grid(img, lab, f"context image {i} ({ip.name})", f"context label {i} ({lp.name})")
         vals = np.empty(0)
         if task == "seg":
@@ -406,7 +410,7 @@ def _predict(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     check_model_file(args.model)
     targets = _collect_targets(args.target)
-    batch = Path(args.target).is_dir()
+    batch = Path(args.target).is_dir() and not is_dicom_dir(args.target)
     outs = _output_paths(targets, args.out, batch)
     pairs = _collect_contexts(args)
     inputs = {p.resolve() for p in targets} | {q.resolve() for pr in pairs for q in pr}
@@ -419,7 +423,7 @@ def _predict(args: argparse.Namespace) -> int:
     # 2) Read and check every volume.
     contexts = _load_contexts(pairs, args.task)
     labels = _resolve_labels(contexts, requested) if args.task == "seg" else []
-    target_imgs = [load_nifti(t, f"target {t.name}" if batch else "target") for t in targets]
+    target_imgs = [load_volume(t, f"target {t.name}" if batch else "target") for t in targets]
     spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
 
     # 3) Contexts on the model grid (shared by every target).
@@ -528,14 +532,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "the output is written on the target's voxel grid.",
     )
     p.add_argument(
-        "--target", required=True, help="target scan (.nii/.nii.gz), or a folder of them (batch mode)"
+        "--target",
+        required=True,
+        help="target scan (.nii/.nii.gz, or a folder of one DICOM series: needs pydicom), "
+        "or a folder of .nii/.nii.gz scans (batch mode)",
     )
     p.add_argument(
         "--context",
         nargs=2,
         action="append",
         metavar=("IMAGE", "LABEL"),
-        help="one context pair; repeat for more",
+        help="one context pair (NIfTI files; an image may be a DICOM series folder); repeat for more",
     )
     p.add_argument(
         "--contexts",

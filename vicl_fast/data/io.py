@@ -6,6 +6,15 @@ its documented exit code (see :mod:`vicl_fast.cli`). Every writer goes through
 :func:`atomic_write`: the bytes land in a temporary file in the destination
 folder and are moved into place with :func:`os.replace`, so a failure (bad
 data, full disk, Ctrl-C) never leaves a partial output behind.
+
+DICOM: :func:`load_volume` also reads a folder holding ONE single-frame DICOM
+series (CT / MR slices) when ``pydicom`` is installed (it is optional: without
+it the error says ``pip install pydicom``). Slices are sorted along the slice
+normal, the geometry is taken from ImagePositionPatient / ImageOrientationPatient
+/ PixelSpacing (LPS, converted to NIfTI's RAS), RescaleSlope/Intercept are
+applied. Enhanced multi-frame files, several series in one folder, and 4D series
+(repeated slice positions) are refused with a message; convert those with
+``dcm2niix``. Outputs are always NIfTI.
 """
 
 from __future__ import annotations
@@ -32,6 +41,10 @@ __all__ = [
     "is_nifti_path",
     "nifti_stem",
     "load_nifti",
+    "is_dicom_dir",
+    "dicom_series_affine",
+    "load_dicom_series",
+    "load_volume",
     "check_same_grid",
     "atomic_write",
     "save_nifti",
@@ -121,7 +134,9 @@ def load_nifti(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
     if not p.exists():
         raise UnreadableFileError(f"{what} file not found: {p}")
     if p.is_dir():
-        raise UnreadableFileError(f"{what} path is a folder, expected a .nii/.nii.gz file: {p}")
+        raise UnreadableFileError(
+            f"{what} path is a folder, expected a .nii/.nii.gz file (or a folder of DICOM slices): {p}"
+        )
     if not is_nifti_path(p):
         raise UnreadableFileError(f"{what} file {p} is not a NIfTI file (expected .nii or .nii.gz)")
     try:
@@ -147,6 +162,187 @@ def load_nifti(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
     if data is not img.dataobj and data.shape != img.shape:
         img = nib.Nifti1Image(data, img.affine, header=img.header)
     return img
+
+
+DICOM_SUFFIXES = (".dcm", ".ima", ".dicom")
+
+
+def _looks_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file (``DICM`` at byte 128) or a file named ``*.dcm`` / ``*.ima``."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder of DICOM files with no NIfTI file in it (a NIfTI folder is batch input)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    files = [q for q in p.iterdir() if q.is_file() and not q.name.startswith(".")]
+    if not files or any(is_nifti_path(q) for q in files):
+        return False
+    return any(_looks_dicom(q) for q in files)
+
+
+def dicom_series_affine(
+    orientation: np.ndarray,
+    positions: np.ndarray,
+    pixel_spacing: tuple[float, float],
+    slice_spacing: float | None = None,
+) -> np.ndarray:
+    """RAS voxel -> world affine (4, 4) of a sorted DICOM series, for voxel order ``(column, row, slice)``.
+
+    Args:
+        orientation: ImageOrientationPatient, 6 values: the row direction (along which the
+            column index grows) then the column direction (along which the row index grows), LPS.
+        positions: (N, 3) ImagePositionPatient of the slices, sorted along the slice normal.
+        pixel_spacing: PixelSpacing ``(between rows, between columns)`` in mm.
+        slice_spacing: step along the normal when N == 1 (SpacingBetweenSlices / SliceThickness).
+
+    The DICOM pixel formula (PS3.3 C.7.6.2.1.1) ``P = S + X_r dc c + X_c dr r`` plus the slice
+    step ``(S_last - S_first) / (N - 1)`` (which also covers gantry tilt), then LPS -> RAS.
+    """
+    iop = np.asarray(orientation, dtype=np.float64).reshape(2, 3)
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    dr, dc = (float(v) for v in pixel_spacing)
+    if len(pos) > 1:
+        step = (pos[-1] - pos[0]) / (len(pos) - 1)
+    else:
+        step = np.cross(iop[0], iop[1]) * float(slice_spacing or 1.0)
+    A = np.eye(4)
+    A[:3, 0] = iop[0] * dc
+    A[:3, 1] = iop[1] * dr
+    A[:3, 2] = step
+    A[:3, 3] = pos[0]
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ A
+
+
+def _floats(ds, key: str, n: int, name: str, what: str) -> np.ndarray:
+    v = getattr(ds, key, None)
+    try:
+        arr = np.asarray([float(x) for x in v], dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = np.empty(0)
+    if arr.shape != (n,):
+        raise BadImageError(f"{what} {name}: DICOM slice without a valid {key}; convert with dcm2niix")
+    return arr
+
+
+def load_dicom_series(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
+    """Read a folder holding one single-frame DICOM series as a 3D RAS-affine ``Nifti1Image`` (X, Y, Z).
+
+    Voxel order is ``(column, row, slice)`` (as dcm2niix and nibabel), slices sorted along the
+    normal; voxel values ``stored * RescaleSlope + RescaleIntercept`` (float32 when rescaled).
+
+    Raises:
+        UnreadableFileError: pydicom missing, or a DICOM file that cannot be parsed.
+        BadImageError: several series, multi-frame files, repeated / irregular slice positions,
+            slices of different sizes, orientations or pixel spacings.
+    """
+    p = Path(path)
+    try:
+        import pydicom
+    except ImportError:
+        raise UnreadableFileError(
+            f"{what} {p} is a DICOM folder; reading DICOM needs pydicom (`pip install pydicom`), "
+            "or convert the series to NIfTI first (e.g. `dcm2niix`)"
+        ) from None
+    slices = []
+    for f in sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith(".")):
+        if not _looks_dicom(f):
+            continue  # README, DICOMDIR index without .dcm, thumbnails...
+        try:
+            ds = pydicom.dcmread(str(f))
+        except Exception as exc:  # pydicom raises many types for corrupt files
+            raise UnreadableFileError(f"cannot read DICOM file {f} of {what}: {type(exc).__name__}: {exc}") from None
+        if getattr(ds, "ImagePositionPatient", None) is None and getattr(ds, "PixelData", None) is None:
+            continue  # a DICOMDIR or other non-image object
+        slices.append((f, ds))
+    if not slices:
+        raise UnreadableFileError(f"{what} folder {p} holds no DICOM image slices")
+    series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in slices})
+    if len(series) > 1:
+        raise BadImageError(
+            f"{what} folder {p} mixes {len(series)} DICOM series; put one series per folder "
+            "(or convert with dcm2niix)"
+        )
+    if any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for _, ds in slices):
+        raise BadImageError(
+            f"{what} {p}: enhanced multi-frame DICOM is not supported; convert it with dcm2niix"
+        )
+    iops = np.stack([_floats(ds, "ImageOrientationPatient", 6, f.name, what) for f, ds in slices])
+    ipps = np.stack([_floats(ds, "ImagePositionPatient", 3, f.name, what) for f, ds in slices])
+    sps = np.stack([_floats(ds, "PixelSpacing", 2, f.name, what) for f, ds in slices])
+    sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in slices}
+    if len(sizes) > 1 or not np.allclose(iops, iops[0], atol=1e-4) or not np.allclose(sps, sps[0], atol=1e-4):
+        raise BadImageError(
+            f"{what} {p}: DICOM slices differ in size, orientation or pixel spacing; "
+            "not one 3D series (convert with dcm2niix)"
+        )
+    normal = np.cross(iops[0, :3], iops[0, 3:])
+    order = np.argsort(ipps @ normal, kind="stable")
+    ipps = ipps[order]
+    if len(ipps) > 1:
+        gaps = np.diff(ipps @ normal)
+        if np.any(gaps < 1e-3):
+            raise BadImageError(
+                f"{what} {p}: several DICOM slices share one position (a 4D / multi-echo series); "
+                "split it into 3D series first (e.g. dcm2niix)"
+            )
+        if np.ptp(gaps) > 0.01 * gaps.mean() + 1e-3:
+            raise BadImageError(
+                f"{what} {p}: DICOM slice spacing is irregular ({gaps.min():.3g}-{gaps.max():.3g} mm; "
+                "missing slices?); convert with dcm2niix, which can resample such series"
+            )
+    planes = []
+    rescaled = False
+    for i in order:
+        f, ds = slices[int(i)]
+        try:
+            px = np.asarray(ds.pixel_array)
+        except Exception as exc:  # missing pixel data / unsupported transfer syntax
+            raise UnreadableFileError(
+                f"cannot decode the pixels of DICOM file {f} of {what}: {type(exc).__name__}: {exc} "
+                "(compressed DICOM may need `pip install pylibjpeg` or conversion with dcm2niix)"
+            ) from None
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        inter = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        if slope != 1 or inter != 0:
+            rescaled = True
+            px = px.astype(np.float64) * slope + inter
+        planes.append(px.T)  # (columns, rows)
+    data = np.stack(planes, axis=-1)
+    data = data.astype(np.float32) if rescaled or np.issubdtype(data.dtype, np.floating) else data
+    if data.ndim != 3:
+        raise BadImageError(f"{what} {p}: DICOM pixels of shape {data.shape[:-1]} are not 2D grey slices")
+    ds0 = slices[int(order[0])][1]
+    thick = getattr(ds0, "SpacingBetweenSlices", None) or getattr(ds0, "SliceThickness", None)
+    affine = dicom_series_affine(iops[0], ipps, tuple(sps[0]), float(thick) if thick else None)
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, code=1)  # scanner coordinates
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    desc = str(getattr(ds0, "SeriesDescription", "") or "")[:79]
+    if desc:
+        img.header["descrip"] = desc.encode("ascii", "replace")
+    return img
+
+
+def load_volume(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
+    """:func:`load_nifti` for a file, :func:`load_dicom_series` for a folder of DICOM slices."""
+    if is_dicom_dir(path):
+        img = load_dicom_series(path, what)
+        data = np.asanyarray(img.dataobj)
+        if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+            raise BadImageError(f"{what} {path} contains NaN or infinite voxels")
+        return img
+    return load_nifti(path, what)
 
 
 def check_same_grid(
