@@ -2,7 +2,7 @@
 
 Modules (import the one you need; nothing heavy happens at import):
 
-* :mod:`~vicl_fast.data.io` - validated NIfTI reading, atomic writing, input errors.
+* :mod:`~vicl_fast.data.io` - validated NIfTI (and optional DICOM series) reading, atomic writing, input errors.
 * :mod:`~vicl_fast.data.preprocess` - canonical / 1 mm / fit-to-grid / percentile
   normalisation, and the exact inverse mapping back to the original grid.
 * :mod:`~vicl_fast.data.tasks3d` - Neuroverse3D task families and episodes.
@@ -15,7 +15,7 @@ Modules (import the one you need; nothing heavy happens at import):
 from __future__ import annotations
 
 from vicl_fast.data.demo_data import load_demo_subjects, write_demo_nifti
-from vicl_fast.data.io import InputError, load_nifti, save_nifti
+from vicl_fast.data.io import InputError, load_nifti, load_volume, save_nifti
 from vicl_fast.data.preprocess import GridMapping, plan_grid, preprocess_image, preprocess_label, to_original
 from vicl_fast.data.tasks3d import Episode, Subject, TaskSpec, apply_task, sample_episode, sample_task
 
@@ -24,6 +24,7 @@ __all__ = [
     "write_demo_nifti",
     "InputError",
     "load_nifti",
+    "load_volume",
     "save_nifti",
     "GridMapping",
     "plan_grid",
