@@ -243,3 +243,44 @@ def test_2d_tasks(subjects, family):
         assert 0.05 <= d.std() <= 0.15
     else:
         assert not np.allclose(ep["query_image"], ep["query_label"])
+
+
+def test_modality_transformation_real_pair_and_synthetic(subjects):
+    """A registered second modality is the output when every subject has it (spatial augmentation moves
+    both together); without one, a fixed GIN contrast stands in (synthetic)."""
+    import dataclasses
+
+    paired = [dataclasses.replace(s, modalities={"inv": (1.0 - s.image).astype(np.float32)}) for s in subjects]
+    spec = t3.sample_task(paired, np.random.default_rng(0), family="modality_transform", overlay_p=0.0)
+    spec.params.pop("shared_gin", None)
+    assert spec.params["modality"] == "inv" and not spec.params.get("synthetic")
+    s = paired[1]
+    inp, out = t3.apply_task(spec, s, np.random.default_rng(1), augment=False)
+    np.testing.assert_array_equal(inp, s.image)
+    np.testing.assert_array_equal(out, s.modalities["inv"])
+    flip_only = {k: 0.0 for k in aug.PAPER_PROBS} | {"flip": 1.0}
+    inp, out = t3.apply_task(spec, s, np.random.default_rng(2), aug_probs=flip_only)
+    assert not np.array_equal(inp, s.image)
+    np.testing.assert_allclose(out, 1.0 - inp, atol=1e-6)  # the same flip on both modalities
+    syn = t3.sample_task(subjects, np.random.default_rng(0), family="modality_transform", overlay_p=0.0)
+    assert syn.params["synthetic"] and "modality" not in syn.params
+    inp, out = t3.apply_task(syn, subjects[0], np.random.default_rng(1), augment=False)
+    if "shared_gin" not in syn.params:
+        np.testing.assert_array_equal(out, aug.apply_gin(subjects[0].image, syn.params["gin"]))
+    # 2D synthesis uses the same registered modality, slice for slice.
+    spec2 = t2.sample_task_2d(paired, np.random.default_rng(0), family="synthesis")
+    assert spec2.params["modality"] == "inv"
+    qi, ql = t2.make_pair_2d(spec2, s, np.random.default_rng(0), size=32, index=16)
+    np.testing.assert_allclose(ql, np.clip(1.0 - qi, 0, 1), atol=1e-5)
+
+
+def test_overlaid_corruption_is_applied_to_the_input(subjects):
+    """Random task overlap: an overlay (here Gaussian noise) is added on top of the family's own input."""
+    s = subjects[0]
+    base = t3.TaskSpec("slices_to_volume", {"centre": [16, 16, 16]})
+    over = t3.TaskSpec("slices_to_volume", {"centre": [16, 16, 16]}, overlays=("gaussian_noise",))
+    a_in, a_out = t3.apply_task(base, s, np.random.default_rng(0), augment=False)
+    b_in, b_out = t3.apply_task(over, s, np.random.default_rng(0), augment=False)
+    np.testing.assert_array_equal(a_in, t3.central_slices(s.image, [16, 16, 16]))
+    np.testing.assert_array_equal(a_out, b_out)  # the ground truth stays clean
+    assert 0.15 <= (b_in - a_in).std() <= 0.25  # the paper's sigma range, measured back
