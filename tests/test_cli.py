@@ -364,6 +364,11 @@ def _bad_cases(env: Path, tmp: Path):
             "does not exist",
         ),
         "output overwrites input": (["--target", t0, "--context", c0i, c0l, "--out", t0], 8, "overwrite"),
+        "preview folder missing": (
+            ["--target", t0, "--context", c0i, c0l, "--preview", str(tmp / "no/dir/p.png")],
+            8,
+            "--preview folder",
+        ),
         "bad grid": (["--target", t0, "--context", c0i, c0l, "--grid", "30"], 2, "multiples of 16"),
         "bad option": (["--target", t0, "--context", c0i, c0l, "--mini-context", "zero"], 2, "mini-context"),
     }, model
@@ -389,6 +394,7 @@ def _bad_cases(env: Path, tmp: Path):
         "missing model",
         "output folder missing",
         "output overwrites input",
+        "preview folder missing",
         "bad grid",
         "bad option",
     ],

@@ -419,6 +419,13 @@ def _predict(args: argparse.Namespace) -> int:
             raise OutputError(f"output {o} would overwrite an input file; choose another --out")
     if len(set(outs)) != len(outs):
         raise OutputError("two targets map to the same output name; rename them or run them separately")
+    previews = [_preview_path(args.preview, o, batch) for o in outs] if args.preview is not None else []
+    for pv in previews:
+        # Checked now: a preview failing after its NIfTI was written would leave a partial result.
+        if not (pv.parent.is_dir() or (batch and pv.parent == outs[0].parent)):
+            raise OutputError(f"--preview folder {pv.parent} does not exist; create it first")
+        if pv.resolve() in inputs or pv in outs:
+            raise OutputError(f"--preview {pv} would overwrite an input or an output; choose another name")
 
     # 2) Read and check every volume.
     contexts = _load_contexts(pairs, args.task)
@@ -495,7 +502,7 @@ def _predict(args: argparse.Namespace) -> int:
             second = out
         save_nifti(out.astype(dtype), timg.affine, opath, header=timg.header, dtype=dtype)
         if args.preview is not None:
-            ppath = _preview_path(args.preview, opath, batch)
+            ppath = previews[outs.index(opath)]
             from vicl_fast.preview import save_preview
 
             save_preview(ppath, timg, labels=out if args.task == "seg" else None, second=second)
