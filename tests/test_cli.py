@@ -533,3 +533,31 @@ def test_train_subcommand_routes_to_trainer(tmp_path, capsys):
     missing = tmp_path / "nope.yaml"
     assert main(["train", "--config", str(missing)]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_preview_orientation_and_overlay(tmp_path):
+    """Neurological display whatever the storage order: a label at the subject's left-superior shows
+    top-left in the coronal tile, and an LPS-stored copy renders the same PNG."""
+    from vicl_fast.preview import save_preview
+
+    shape = (20, 24, 16)
+    img = np.full(shape, 0.2, np.float32)
+    img[::4] += 0.5  # some structure for the grey window
+    lab = np.zeros(shape, np.uint8)
+    lab[2:6, 10:14, 11:15] = 1  # low x = subject left, high z = superior
+    A = np.eye(4)
+    save_preview(tmp_path / "ras.png", nib.Nifti1Image(img, A), labels=lab)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = np.asarray(shape[:2]) - 1
+    lps_img = nib.Nifti1Image(img[::-1, ::-1].copy(), A @ flip)
+    save_preview(tmp_path / "lps.png", lps_img, labels=lab[::-1, ::-1].copy())
+    ras = np.asarray(Image.open(tmp_path / "ras.png").convert("RGB")).astype(int)
+    np.testing.assert_array_equal(ras, np.asarray(Image.open(tmp_path / "lps.png").convert("RGB")))
+    # Tiles: sagittal (24 mm wide), coronal (20), axial (20), 192 px high (16 mm -> 12 px/mm), 4 px gaps.
+    assert ras.shape == (192, 288 + 4 + 240 + 4 + 160, 3)
+    cor = ras[:, 292 : 292 + 240]
+    coloured = np.argwhere((cor.max(-1) - cor.min(-1)) > 30)
+    assert len(coloured)
+    (r0, c0), (r1, c1) = coloured.min(0), coloured.max(0)
+    assert r1 < 96 and c1 < 120  # top-left quadrant
+    assert r0 == pytest.approx(12, abs=2) and c0 == pytest.approx(24, abs=2)  # z 14 -> row 1*12, x 2 -> col 2*12

@@ -119,6 +119,7 @@ def test_written_output_has_original_grid_and_header(tmp_path):
     img, lab = _phantom(A, (24, 28, 20))
     src = nib.Nifti1Image(img, A)
     src.header["descrip"] = b"scanner X"
+    src.header["cal_max"] = 999.0  # the scan's display window must not carry over to a label map
     src.set_qform(A, code=1)
     src.set_sform(A, code=2)
     vol, m = preprocess_image(src, spacing=2.0, grid=32)
@@ -131,7 +132,7 @@ def test_written_output_has_original_grid_and_header(tmp_path):
     assert np.allclose(back.affine, src.affine, atol=1e-5)
     assert back.header["descrip"].tobytes().startswith(b"scanner X")
     assert int(back.header["sform_code"]) == 2 and int(back.header["qform_code"]) == 1
-    assert back.get_data_dtype() == np.uint8
+    assert back.get_data_dtype() == np.uint8 and float(back.header["cal_max"]) == 0.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.nii.gz"]  # no temp file left
 
 

@@ -401,7 +401,8 @@ def save_nifti(
     """Write ``data`` (X, Y, Z) as NIfTI atomically, keeping ``header`` fields (descrip, units, codes).
 
     Scaling (scl_slope/scl_inter) is reset so the stored values are exactly ``data``
-    cast to ``dtype`` (default: ``data.dtype``). Returns the final path.
+    cast to ``dtype`` (default: ``data.dtype``), and the display window (cal_min/cal_max) is
+    cleared. Returns the final path.
     """
     arr = np.asarray(data)
     if arr.ndim != 3:
@@ -415,6 +416,9 @@ def save_nifti(
     img = nib.Nifti1Image(arr.astype(dtype, copy=False), np.asarray(affine, dtype=np.float64), header=hdr)
     img.set_data_dtype(dtype)
     img.header.set_slope_inter(np.nan, np.nan)
+    # The input's display window (e.g. T1 intensities) would hide a label map or a [0, 1] output.
+    img.header["cal_min"] = 0
+    img.header["cal_max"] = 0
     # Keep the original qform/sform codes (scanner vs. aligned space) when present.
     if header is not None and isinstance(header, nib.Nifti1Header):
         scode = int(header["sform_code"]) or 1
