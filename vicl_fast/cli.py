@@ -115,8 +115,9 @@ def _pairs_from_csv(path: Path) -> list[tuple[Path, Path]]:
         raise UnreadableFileError(f"cannot read contexts CSV {path}: {exc.strerror or exc}") from None
     except (csv.Error, UnicodeDecodeError) as exc:
         raise UnreadableFileError(f"contexts CSV {path} is not a valid CSV file: {exc}") from None
-    if rows and not is_nifti_path(rows[0][0].strip()):
-        rows = rows[1:]  # header, e.g. "image,label"
+    first = rows[0][0].strip() if rows else ""
+    if rows and not is_nifti_path(first) and not (path.parent / first).is_dir() and not Path(first).is_dir():
+        rows = rows[1:]  # header, e.g. "image,label" (a DICOM folder in the first row is data)
     pairs = []
     for n, r in enumerate(rows, start=1):
         if len(r) < 2:
