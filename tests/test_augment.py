@@ -1,4 +1,4 @@
-"""Augmentation (Neuroverse3D supplement Sec. B.3): probabilities, seeding, geometry, GIN vs a SciPy reference."""
+"""Augmentation (Neuroverse3D supplement Sec. B.3): rates, seeding, geometry, GIN vs a SciPy reference."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def test_probabilities_zero_is_identity_and_seeds_reproduce():
     a = aug.augment_subject(x, [lab], np.random.default_rng(7), on, extra_images=[x])
     b = aug.augment_subject(x, [lab], np.random.default_rng(7), on, extra_images=[x])
     c = aug.augment_subject(x, [lab], np.random.default_rng(8), on, extra_images=[x])
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1][0], b[1][0]) and np.array_equal(a[2][0], b[2][0])
+    for u, v in ((a[0], b[0]), (a[1][0], b[1][0]), (a[2][0], b[2][0])):
+        assert np.array_equal(u, v)
     assert not np.array_equal(a[0], c[0])
     assert a[1][0].dtype == np.int16 and set(np.unique(a[1][0])) <= {0, 1}  # nearest keeps values
     # The extra image (e.g. a second modality) gets the SAME warp as the image's spatial part.
@@ -115,7 +116,10 @@ def _gin_reference(x: np.ndarray, p: aug.GinParams) -> np.ndarray:
     for i, (w, b) in enumerate(zip(p.weights, p.biases)):
         out = []
         for co in range(w.shape[0]):
-            acc = sum(ndimage.correlate(h[ci], w[co, ci].astype(np.float64), mode="constant") for ci in range(w.shape[1]))
+            acc = sum(
+                ndimage.correlate(h[ci], w[co, ci].astype(np.float64), mode="constant")
+                for ci in range(w.shape[1])
+            )
             out.append(acc + b[co])
         if i < len(p.weights) - 1:
             out = [np.where(o > 0, o, 0.2 * o) for o in out]

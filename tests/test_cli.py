@@ -512,7 +512,8 @@ def test_dicom_target(env, tmp_path, capsys, monkeypatch):
     the output lies on the series' grid and equals the prediction for the same scan given as NIfTI."""
     folder, canon, stub = _fake_dicom_target(tmp_path / "dicom", env / "targets/t0.nii.gz")
     out, ref_out = tmp_path / "o.nii.gz", tmp_path / "r.nii.gz"
-    base = ["predict", *_ctx_args(env, "image"), "--task", "gen", "--model", str(env / "tiny.safetensors"), *GRID]
+    model = str(env / "tiny.safetensors")
+    base = ["predict", *_ctx_args(env, "image"), "--task", "gen", "--model", model, *GRID]
     monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
     rc = main([*base, "--target", str(folder), "--out", str(out)])
     err = capsys.readouterr().err
@@ -560,4 +561,4 @@ def test_preview_orientation_and_overlay(tmp_path):
     assert len(coloured)
     (r0, c0), (r1, c1) = coloured.min(0), coloured.max(0)
     assert r1 < 96 and c1 < 120  # top-left quadrant
-    assert r0 == pytest.approx(12, abs=2) and c0 == pytest.approx(24, abs=2)  # z 14 -> row 1*12, x 2 -> col 2*12
+    assert r0 == pytest.approx(12, abs=2) and c0 == pytest.approx(24, abs=2)  # z 14 -> row 1, x 2 -> col 2

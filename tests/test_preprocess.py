@@ -250,7 +250,9 @@ def _series_geometry(tilt: float = 0.0):
     return row_cos, col_cos, step, s0
 
 
-def _write_series(folder: Path, vol: np.ndarray, tilt=0.0, uid="1.2.3", positions=None, slope=2.0, inter=-10.0):
+def _write_series(
+    folder: Path, vol: np.ndarray, tilt=0.0, uid="1.2.3", positions=None, slope=2.0, inter=-10.0
+):
     """Slices of ``vol (columns, rows, slices)`` as DICOM-like files, in shuffled name order."""
     folder.mkdir(parents=True, exist_ok=True)
     row_cos, col_cos, step, s0 = _series_geometry(tilt)

@@ -250,7 +250,9 @@ def test_modality_transformation_real_pair_and_synthetic(subjects):
     both together); without one, a fixed GIN contrast stands in (synthetic)."""
     import dataclasses
 
-    paired = [dataclasses.replace(s, modalities={"inv": (1.0 - s.image).astype(np.float32)}) for s in subjects]
+    paired = [
+        dataclasses.replace(s, modalities={"inv": (1.0 - s.image).astype(np.float32)}) for s in subjects
+    ]
     spec = t3.sample_task(paired, np.random.default_rng(0), family="modality_transform", overlay_p=0.0)
     spec.params.pop("shared_gin", None)
     assert spec.params["modality"] == "inv" and not spec.params.get("synthetic")

@@ -2,7 +2,7 @@
 
 Modules (import the one you need; nothing heavy happens at import):
 
-* :mod:`~vicl_fast.data.io` - validated NIfTI (and optional DICOM series) reading, atomic writing, input errors.
+* :mod:`~vicl_fast.data.io` - validated NIfTI (optional DICOM series) reading, atomic writing, input errors.
 * :mod:`~vicl_fast.data.preprocess` - canonical / 1 mm / fit-to-grid / percentile
   normalisation, and the exact inverse mapping back to the original grid.
 * :mod:`~vicl_fast.data.tasks3d` - Neuroverse3D task families and episodes.

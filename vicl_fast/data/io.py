@@ -180,7 +180,7 @@ def _looks_dicom(path: Path) -> bool:
 
 
 def is_dicom_dir(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder of DICOM files with no NIfTI file in it (a NIfTI folder is batch input)."""
+    """Whether ``path`` is a folder of DICOM files and no NIfTI file (a NIfTI folder is batch input)."""
     p = Path(path)
     if not p.is_dir():
         return False
@@ -260,7 +260,9 @@ def load_dicom_series(path: str | os.PathLike, what: str = "image") -> nib.Nifti
         try:
             ds = pydicom.dcmread(str(f))
         except Exception as exc:  # pydicom raises many types for corrupt files
-            raise UnreadableFileError(f"cannot read DICOM file {f} of {what}: {type(exc).__name__}: {exc}") from None
+            raise UnreadableFileError(
+                f"cannot read DICOM file {f} of {what}: {type(exc).__name__}: {exc}"
+            ) from None
         if getattr(ds, "ImagePositionPatient", None) is None and getattr(ds, "PixelData", None) is None:
             continue  # a DICOMDIR or other non-image object
         slices.append((f, ds))
