@@ -23,7 +23,9 @@ nnU-Net; nothing is resampled out of the scanner's rotation.
 
 Interpolation uses :func:`scipy.ndimage.affine_transform` (float64
 coordinates, exact nearest-neighbour for label maps, no ``align_corners``
-ambiguity); the cost (~0.3 s per 128^3 volume) is small next to a forward pass.
+ambiguity). Measured on one core of the shared 2-vCPU development machine, a
+181x217x181 scan takes 0.8 s to 128^3 (percentiles and anti-aliasing
+included), its label 0.08 s, and 0.4 s / 0.2 s back (image / label).
 Images are Gaussian-prefiltered before downsampling (anti-aliasing,
 ``sigma = (step - 1) / 2`` voxels, as scikit-image's ``resize``).
 """
