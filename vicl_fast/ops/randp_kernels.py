@@ -27,6 +27,7 @@ reference path on CUDA would hit PyTorch's device-side assert of ``gather``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -106,11 +107,19 @@ def _check_gather_inputs(src: torch.Tensor, index: torch.Tensor,
     return index.long()
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
 def _check_index_range(index: torch.Tensor, num_rows: int) -> None:
     if index.numel() == 0:
         return
     if index.is_cuda and not _CHECK_INDEX_ON_CUDA:
         return
+    if index.device.type == "meta" or _is_fake(index):
+        return  # shape-only run (MAC counting, tracing): there are no values to check
     lo, hi = torch.aminmax(index)
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= num_rows:
@@ -133,7 +142,11 @@ def cosine_cost_reference(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -
     _check_cosine_inputs(a, b)
     # float32 whatever the input dtype, even under autocast (the solver needs
     # the costs, not a half-precision approximation of them).
-    with torch.no_grad(), torch.autocast(device_type=a.device.type, enabled=False):
+    # (Devices without autocast, e.g. "meta" used for shape-only MAC counting, need no guard.)
+    dev = a.device.type
+    no_autocast = (torch.autocast(device_type=dev, enabled=False) if torch.amp.is_autocast_available(dev)
+                   else contextlib.nullcontext())
+    with torch.no_grad(), no_autocast:
         an = F.normalize(a.detach().float(), dim=-1, eps=eps)
         bn = F.normalize(b.detach().float(), dim=-1, eps=eps)
         return torch.bmm(an, bn.transpose(1, 2)).neg_()

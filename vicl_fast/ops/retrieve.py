@@ -49,10 +49,18 @@ Mode = Literal["hungarian", "greedy", "merge"]
 def _matching_permutation(cost: torch.Tensor) -> torch.Tensor:
     # Imported lazily: the solver module loads the compiled extension.
     from vicl_fast.ops.assignment import matching_permutation
-    # On CUDA skip the status check: it is a device-to-host sync per forward.
-    # Costs are finite unless the tokens hold NaN/inf, and then a failed matrix
-    # gets perm = -1, which the CUDA gather turns into NaN rows (visible, no crash).
-    return matching_permutation(cost, check=not cost.is_cuda)
+    # Check the solver's status only on real CPU data. On CUDA the check is a
+    # device-to-host sync per forward: costs are finite unless the tokens hold
+    # NaN/inf, and then a failed matrix gets perm = -1, which the CUDA gather
+    # turns into NaN rows (visible, no crash). Meta / fake tensors (shape-only
+    # MAC counting, torch.compile tracing) have no values to check.
+    return matching_permutation(cost, check=cost.device.type == "cpu" and not _is_fake(cost))
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
 
 
 def _check_tokens(**tensors: torch.Tensor) -> None:
