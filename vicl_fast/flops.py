@@ -26,6 +26,22 @@ counts 0 for it) and the "overrideable" fused SDPA entry point used by
 out-of-tree backends. Depthwise/grouped convolutions and transposed
 convolutions are counted correctly by PyTorch (checked in tests/test_flops.py).
 
+Conventions of the RandP paper's Table 2 (see ``benchmarks/RESULTS.md``,
+"RandP Table 2"). Its Painter/MVG figure, 429 G, is exactly the MACs of the
+*matrix products* (linear layers + attention) of ONE ViT-L/16 stream on the
+1024-token canvas (360.8 G) plus Painter's head Linear over the whole canvas
+(68.7 G): convolutions (patch embedding, the head's 3x3 conv) and the second
+stream of blocks 0-2 are left out. Its RandP figure, 258 G, matches *two
+times* the same matrix-product MACs of RandP ViT-L (2 x 128.9 G = 257.8 G),
+i.e. FLOPs, not MACs. :func:`macs_by_kind` splits a report into matrix
+products and convolutions so both figures can be reproduced from one count;
+:attr:`MacReport.macs` itself always counts everything listed above.
+
+Shape-only counting. :func:`count_macs_meta` builds a model on the ``meta``
+device (no memory, no arithmetic; ViT-L counts in about a second on one CPU
+core) and counts a forward on meta inputs; models whose constructor needs real
+values (MONAI's SwinUNETR) are built on the CPU and moved to ``meta``.
+
 Example::
 
     >>> import torch, torch.nn as nn
@@ -44,7 +60,8 @@ import torch
 import torch.nn as nn
 from torch.utils import flop_counter as _fc
 
-__all__ = ["MacReport", "count_macs", "extra_flop_formulas", "format_count"]
+__all__ = ["MacReport", "count_macs", "count_macs_meta", "macs_by_kind", "meta_model", "extra_flop_formulas",
+           "format_count"]
 
 
 def _sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -234,3 +251,80 @@ def _sum_outputs(out: Any) -> torch.Tensor:
         if parts:
             return torch.stack(parts).sum()
     raise TypeError("backward=True needs the forward to return a tensor (or tensors) that requires grad")
+
+
+# ----------------------------------------------------------------------------- kinds, shape-only counting
+
+_CONV_OPS = ("aten.convolution", "aten.convolution_backward", "aten._convolution", "aten.conv")
+
+
+def macs_by_kind(report: MacReport) -> dict[str, int]:
+    """Split a report's MACs into ``{"matmul": ..., "conv": ...}``.
+
+    ``matmul`` = every matrix product (``mm``/``addmm``/``bmm``/``baddbmm``:
+    linear layers, explicit attention, cosine similarities) plus the fused
+    attention kernels (SDPA); ``conv`` = every convolution (patch embeddings,
+    conv heads, U-Net layers) and its backward. ``matmul + conv == report.macs``.
+    ``matmul`` is the convention of the RandP paper's Painter figure (see the
+    module docstring).
+    """
+    conv = sum(m for op, m in report.by_op.items() if op.startswith(_CONV_OPS))
+    return {"matmul": report.macs - conv, "conv": conv}
+
+
+def meta_model(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` on the ``meta`` device (parameters without storage).
+
+    Constructors that need real values (e.g. MONAI's SwinUNETR calls
+    ``.item()`` at init) are run on the CPU and the module is moved to ``meta``.
+    """
+    try:
+        with torch.device("meta"):
+            return build()
+    except (RuntimeError, NotImplementedError):
+        return build().to("meta")
+
+
+def count_macs_meta(
+    build: Callable[[], nn.Module] | nn.Module,
+    *input_shapes: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    kwargs: Mapping[str, Any] | None = None,
+    backward: bool = False,
+    by_module: bool = False,
+) -> MacReport:
+    """Count MACs shape-only: model and inputs on the ``meta`` device, no arithmetic.
+
+    Args:
+        build: a zero-argument model factory (e.g. ``lambda: create_model("randp_vit_l")``),
+            built through :func:`meta_model`; or a module already on ``meta``
+            (``model.to("meta")``).
+        *input_shapes: one shape per positional input, e.g. three ``(B, 3, 256, 256)``.
+        dtype: dtype of the meta inputs.
+        kwargs, backward, by_module: as in :func:`count_macs`.
+    Returns:
+        :class:`MacReport` (equal to a real count: tests/test_flops.py checks it).
+
+    On meta, ``scaled_dot_product_attention`` runs its math decomposition
+    (``bmm``): the forward MACs equal the fused kernels', the backward counts
+    4 attention products where flash kernels recompute QK^T (5).
+
+    Models whose forward reads tensor values on the host (``.item()``,
+    ``.tolist()``) cannot run on meta; RandP's matching and index checks skip
+    themselves on meta tensors.
+    """
+    if isinstance(build, nn.Module):
+        model = build
+        dev = next((t.device for t in list(model.parameters()) + list(model.buffers())), torch.device("meta"))
+        if dev.type != "meta":
+            raise ValueError(f"count_macs_meta needs a model on the meta device, got one on {dev}; "
+                             "pass a factory (lambda: create_model(name)) or model.to('meta')")
+    elif callable(build):
+        model = meta_model(build)
+    else:
+        raise TypeError(f"build must be a model factory or an nn.Module on meta, got {type(build).__name__}")
+    for s in input_shapes:
+        if not (isinstance(s, (tuple, list, torch.Size)) and all(isinstance(d, int) and d >= 0 for d in s)):
+            raise TypeError(f"each input shape must be a tuple of non-negative ints, got {s!r}")
+    inputs = tuple(torch.empty(tuple(s), dtype=dtype, device="meta") for s in input_shapes)
+    return count_macs(model, *inputs, kwargs=kwargs, backward=backward, by_module=by_module)
