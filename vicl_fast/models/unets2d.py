@@ -549,7 +549,12 @@ class RandPUNet(VICL2DModel):
 _TINY_RANDP = dict(img_size=64, embed_dim=32, depth=1, num_heads=2)
 
 
-def _build(backbone: str, defaults: Mapping[str, Any], bb_defaults: Mapping[str, Any], **kwargs: Any) -> RandPUNet:
+def _build(backbone: str, defaults: Mapping[str, Any], bb_defaults: Mapping[str, Any], /,
+           **kwargs: Any) -> RandPUNet:
+    if "backbone" in kwargs:
+        raise TypeError(f"this factory builds the {backbone!r} backbone; pick another with "
+                        f"create_model('randp_<backbone>') ({', '.join(sorted(_BACKBONES))}) or "
+                        f"RandPUNet(backbone=...), not backbone={kwargs['backbone']!r}")
     bb = dict(bb_defaults)
     bb.update(kwargs.pop("backbone_kwargs", None) or {})
     cfg = dict(defaults)
