@@ -14,6 +14,7 @@ $(STAMP): $(BUILD_INPUTS)
 	@mkdir -p .make && touch $@
 
 demo: install
+	$(PY) -m vicl_fast.main_job
 	$(PY) -m vicl_fast.demo
 
 test: install
