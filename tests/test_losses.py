@@ -43,7 +43,7 @@ def test_generation_loss_hand_values():
     expect = base / 2 + (gh + gw) / 2 / 2
     got = losses.generation_loss(pred, tgt)
     assert abs(got.item() - expect) < 1e-14
-    assert abs(losses.task_loss(pred, tgt, "2d_to_3d").item() - 0.5 * expect) < 1e-14
+    assert abs(losses.task_loss(pred, tgt, "slices_to_volume").item() - 0.5 * expect) < 1e-14
     assert abs(losses.task_loss(pred, tgt, "inpainting").item() - expect) < 1e-14
     assert abs(losses.task_loss(pred, tgt, "segmentation").item()
                - 50 * losses.modified_smooth_l1(pred, tgt).item()) < 1e-12
@@ -70,5 +70,47 @@ def test_errors_and_weights():
         losses.task_loss(x, x, "denoise")
     with pytest.raises(ValueError, match="reduction"):
         losses.smooth_l1(x, x, reduction="sum")
-    assert losses.task_weight("segmentation") == 50 and losses.task_weight("2d_to_3d") == 0.5
+    assert losses.task_weight("segmentation") == 50 and losses.task_weight("slices_to_volume") == 0.5
     assert losses.task_loss(x, x, "segmentation", weighted=False).item() == 0.0
+    with pytest.raises(ValueError, match="slices_to_volume"):  # the old name points to the family names
+        losses.task_weight("2d_to_3d")
+
+
+# Supplement Table 3 as printed (row -> sampling rate, weight) and the tasks3d family of each row.
+_TABLE3 = [
+    ("Segmentation", 2, 50, "segmentation"),
+    ("Bias Remove", 1, 1, "bias_field"),
+    ("Gaussian Noise Remove", 1, 1, "gaussian_noise"),
+    ("Salt & Pepper Noise Remove", 1, 1, "salt_pepper"),
+    ("2D to 3D Generation", 1, 0.5, "slices_to_volume"),
+    ("Inpainting", 1, 1, "inpainting"),
+    ("Super-Resolution", 1, 1, "super_resolution"),
+    ("Skull Stripping", 1, 1, "skull_stripping"),
+    ("Modality Transform", 1, 1, "modality_transform"),
+]
+
+
+def test_task_names_are_the_tasks3d_families_with_table3_weights():
+    """One set of names: losses.TASK_WEIGHTS, tasks3d.TASK_TABLE and the trainer's Neuroverse3D defaults
+    share the family names, and each family carries its Table 3 row's rate and weight."""
+    import re
+    from pathlib import Path
+
+    from vicl_fast.data import tasks3d
+    from vicl_fast.training.config import NEUROVERSE3D_TASKS, TASK_KINDS
+
+    assert set(losses.TASK_WEIGHTS) == set(tasks3d.TASK_TABLE) == {n for n, _, _ in NEUROVERSE3D_TASKS}
+    trainer = {n: (r, w) for n, r, w in NEUROVERSE3D_TASKS}
+    for row, rate, weight, fam in _TABLE3:
+        assert losses.TASK_WEIGHTS[fam] == weight, row
+        assert tasks3d.TASK_TABLE[fam] == {"rate": rate, "weight": weight}, row
+        assert trainer[fam] == (rate, weight), row
+        assert TASK_KINDS[fam] == ("seg" if fam == "segmentation" else "gen"), row
+    # the rows above are the paper's: read them back from the supplement text when it is available
+    seeds = sorted((Path(__file__).resolve().parents[2] / "shared" / "seeds").glob("003_*.txt"))
+    if seeds:
+        text = seeds[0].read_text(errors="replace")
+        for row, rate, weight, _ in _TABLE3:
+            m = re.search(re.escape(row) + r" (\S+) (\S+)\n", text)
+            assert m is not None, row
+            assert (float(m.group(1)), float(m.group(2))) == (rate, weight), row

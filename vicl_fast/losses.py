@@ -9,7 +9,9 @@
   (forward differences; the smooth-L1 of the differences is averaged per axis,
   then over axes).
 - Task weights (Table 3): segmentation 50 (the released training multiplies the
-  segmentation loss by 50), 2D-to-3D generation 0.5, every other task 1.
+  segmentation loss by 50), 2D-to-3D generation 0.5, every other task 1. They are
+  keyed by the task family names of :mod:`vicl_fast.data.tasks3d` (one set of names
+  for task synthesis, the trainer config and the losses).
 
 All losses take ``(B, C, *S)`` predictions and targets (any number of spatial
 dims) and return a scalar (``reduction="mean"``) or per-sample values
@@ -23,17 +25,20 @@ import torch.nn.functional as F
 __all__ = ["TASK_WEIGHTS", "modified_smooth_l1", "smooth_l1", "intensity_difference", "segmentation_loss",
            "generation_loss", "task_loss", "task_weight"]
 
-#: Table 3 of the paper (training weight per task).
+#: Supplement Table 3 (training weight per task), keyed by the family names of
+#: ``vicl_fast.data.tasks3d.TASK_TABLE`` (the paper's row name in the comment).
+#: Kept literal so that importing the losses needs only torch; tests/test_losses.py
+#: checks it against ``TASK_TABLE`` and the trainer's defaults.
 TASK_WEIGHTS: dict[str, float] = {
-    "segmentation": 50.0,
-    "bias_remove": 1.0,
-    "gaussian_noise_remove": 1.0,
-    "salt_pepper_noise_remove": 1.0,
-    "2d_to_3d": 0.5,
-    "inpainting": 1.0,
-    "super_resolution": 1.0,
-    "skull_stripping": 1.0,
-    "modality_transform": 1.0,
+    "segmentation": 50.0,  # Segmentation
+    "bias_field": 1.0,  # Bias Remove
+    "gaussian_noise": 1.0,  # Gaussian Noise Remove
+    "salt_pepper": 1.0,  # Salt & Pepper Noise Remove
+    "slices_to_volume": 0.5,  # 2D to 3D Generation
+    "inpainting": 1.0,  # Inpainting
+    "super_resolution": 1.0,  # Super-Resolution
+    "skull_stripping": 1.0,  # Skull Stripping
+    "modality_transform": 1.0,  # Modality Transform
 }
 _SEGMENTATION_TASKS = {"segmentation"}
 
@@ -92,7 +97,8 @@ def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str =
 def task_weight(task: str) -> float:
     """Training weight of ``task`` (Table 3); ValueError naming the known tasks otherwise."""
     if task not in TASK_WEIGHTS:
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(sorted(TASK_WEIGHTS))}")
+        raise ValueError(f"unknown task {task!r}; known (vicl_fast.data.tasks3d families): "
+                         f"{', '.join(TASK_WEIGHTS)}")
     return TASK_WEIGHTS[task]
 
 
