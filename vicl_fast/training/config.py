@@ -33,7 +33,7 @@ from typing import Any, Literal
 __all__ = [
     "Config", "ModelConfig", "DatasetConfig", "TaskConfig", "ContextPhase", "DataConfig",
     "OptimConfig", "TrainConfig", "ConfigError", "load_config", "config_from_dict", "config_to_dict",
-    "family_of", "family_defaults", "TASK_KINDS", "NEUROVERSE3D_TASKS", "RANDP_TASKS",
+    "family_of", "family_defaults", "family_task_names", "TASK_KINDS", "NEUROVERSE3D_TASKS", "RANDP_TASKS",
 ]
 
 
@@ -41,7 +41,9 @@ class ConfigError(ValueError):
     """A config problem found at start-up; the message names the key, file or folder."""
 
 
-# task name -> "seg" (modified smooth-L1, Dice) or "gen" (smooth-L1 + gradient loss, PSNR)
+# task name -> "seg" (Neuroverse3D: modified smooth-L1; Dice) or "gen" (smooth-L1 (+ gradient loss
+# for Neuroverse3D); PSNR, and SSIM for RandP). Neuroverse3D tasks are the family names of
+# vicl_fast.data.tasks3d (= vicl_fast.losses.TASK_WEIGHTS); RandP tasks those of vicl_fast.data.tasks2d.
 TASK_KINDS: dict[str, str] = {
     "segmentation": "seg",
     "bias_field": "gen",
@@ -52,30 +54,56 @@ TASK_KINDS: dict[str, str] = {
     "super_resolution": "gen",
     "skull_stripping": "gen",
     "modality_transform": "gen",
+    "denoising": "gen",
+    "synthesis": "gen",
 }
 
-# Neuroverse3D supplement, Table 3: (sampling rate, loss weight). The official
-# code's "50 x SmoothL3-L1" is exactly the segmentation weight of this table.
+# Neuroverse3D supplement, Table 3: (sampling rate, loss weight) per tasks3d family. The official
+# code's "50 x SmoothL3-L1" is exactly the segmentation weight of this table. Kept literal (this
+# module stays import-light); tests/test_losses.py checks it against tasks3d.TASK_TABLE.
 NEUROVERSE3D_TASKS: list[tuple[str, float, float]] = [
-    ("segmentation", 2.0, 50.0),
-    ("bias_field", 1.0, 1.0),
-    ("gaussian_noise", 1.0, 1.0),
-    ("salt_pepper", 1.0, 1.0),
-    ("slices_to_volume", 1.0, 0.5),
-    ("inpainting", 1.0, 1.0),
-    ("super_resolution", 1.0, 1.0),
-    ("skull_stripping", 1.0, 1.0),
-    ("modality_transform", 1.0, 1.0),
+    ("segmentation", 2.0, 50.0),       # Segmentation
+    ("bias_field", 1.0, 1.0),          # Bias Remove
+    ("gaussian_noise", 1.0, 1.0),      # Gaussian Noise Remove
+    ("salt_pepper", 1.0, 1.0),         # Salt & Pepper Noise Remove
+    ("slices_to_volume", 1.0, 0.5),    # 2D to 3D Generation
+    ("inpainting", 1.0, 1.0),          # Inpainting
+    ("super_resolution", 1.0, 1.0),    # Super-Resolution
+    ("skull_stripping", 1.0, 1.0),     # Skull Stripping
+    ("modality_transform", 1.0, 1.0),  # Modality Transform
 ]
 
-# RandP (Sec. 4): segmentation, super-resolution, denoising and synthesis,
-# jointly trained with equal rates (the paper gives no rates); weight 1.
+# RandP (Sec. 4): segmentation, denoising, super-resolution and synthesis (the paper's PET
+# synthesis), the families of vicl_fast.data.tasks2d.FAMILIES_2D in that order (= the task ids of
+# the task-classification head), jointly trained with equal rates (the paper gives none); weight 1.
 RANDP_TASKS: list[tuple[str, float, float]] = [
     ("segmentation", 1.0, 1.0),
-    ("gaussian_noise", 1.0, 1.0),
+    ("denoising", 1.0, 1.0),
     ("super_resolution", 1.0, 1.0),
-    ("modality_transform", 1.0, 1.0),
+    ("synthesis", 1.0, 1.0),
 ]
+
+# A 3D family name used in a RandP config: the 2D family that replaces it (for the error message).
+_RANDP_FOR_3D = {"gaussian_noise": "denoising", "modality_transform": "synthesis"}
+
+
+def family_task_names(family: str) -> list[str]:
+    """The task names a model family trains on (``"neuroverse3d"``: tasks3d families, else tasks2d)."""
+    return [n for n, _, _ in (NEUROVERSE3D_TASKS if family == "neuroverse3d" else RANDP_TASKS)]
+
+
+def _check_task_name(name: str, family: str, where: str) -> None:
+    known = family_task_names(family)
+    if name in known:
+        return
+    hint = ""
+    if family != "neuroverse3d" and name in _RANDP_FOR_3D:
+        hint = f" (the 2D family of {name!r} is {_RANDP_FOR_3D[name]!r})"
+    elif family != "neuroverse3d" and name in TASK_KINDS:
+        hint = " (a 3D Neuroverse3D task: RandP models train on the 2D families of vicl_fast.data.tasks2d)"
+    elif family == "neuroverse3d" and name in TASK_KINDS:
+        hint = " (a 2D RandP task: Neuroverse3D trains on the families of vicl_fast.data.tasks3d)"
+    raise ConfigError(f"{where}: unknown task {name!r} for the {family} family{hint}; known: {', '.join(known)}")
 
 
 # --------------------------------------------------------------------- schema
@@ -319,12 +347,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.datasets: the name {ds.name!r} is used twice")
         seen.add(ds.name)
         for t in ds.tasks or []:
-            if t not in TASK_KINDS:
-                raise ConfigError(f"data.datasets[{i}] ({ds.name!r}).tasks: unknown task {t!r}; "
-                                  f"known: {', '.join(TASK_KINDS)}")
+            _check_task_name(t, cfg.family, f"data.datasets[{i}] ({ds.name!r}).tasks")
+    names = [t.name for t in cfg.data.tasks or []]
     for i, t in enumerate(cfg.data.tasks or []):
-        if t.name not in TASK_KINDS:
-            raise ConfigError(f"data.tasks[{i}]: unknown task {t.name!r}; known: {', '.join(TASK_KINDS)}")
+        _check_task_name(t.name, cfg.family, f"data.tasks[{i}]")
+        if t.name in names[:i]:
+            raise ConfigError(f"data.tasks[{i}]: task {t.name!r} is listed twice")
         if t.rate <= 0 or t.weight <= 0:
             raise ConfigError(f"data.tasks[{i}] ({t.name}): rate and weight must be > 0")
     grid = cfg.data.grid or []
@@ -333,6 +361,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.grid must list {want} positive sizes for the {cfg.family} family, got {grid}")
     if cfg.family == "neuroverse3d" and any(g % 16 for g in grid):
         raise ConfigError(f"data.grid {grid}: Neuroverse3D needs multiples of 16 (e.g. 32, 64, 128)")
+    if cfg.family == "randp" and (grid[0] != grid[1] or grid[0] % 16):
+        raise ConfigError(f"data.grid {grid}: RandP episodes are square slices (vicl_fast.data.tasks2d) at "
+                          "the patch size 16: use [S, S] with S a multiple of 16 (32 for SwinUNETR), e.g. [256, 256]")
     phases = cfg.data.context_phases or []
     if not phases or phases[0].from_step != 0:
         raise ConfigError("data.context_phases must start with from_step: 0")

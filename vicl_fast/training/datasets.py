@@ -260,7 +260,7 @@ def build_sources(cfg: Config) -> list[SubjectSource]:
 
 def _volume_grid(cfg: Config) -> tuple[int, int, int]:
     g = list(cfg.data.grid or [])
-    if len(g) == 2:  # RandP: axial slices of (H, W, H) volumes
+    if len(g) == 2:  # RandP: S^3 volumes (square grid, config.validate), sliced along any axis by tasks2d
         return (g[0], g[1], g[0])
     return tuple(g)  # type: ignore[return-value]
 
@@ -288,8 +288,7 @@ def resolve_tasks(cfg: Config, sources: Sequence[SubjectSource]) -> tuple[list[T
         if not idx:
             if explicit:
                 raise ConfigError(f"task {t.name!r}: no dataset can provide it (segmentation needs labels/, "
-                                  "skull_stripping needs masks/, slices_to_volume is 3D only; per-dataset "
-                                  "'tasks' lists may exclude it)")
+                                  "skull_stripping needs masks/; per-dataset 'tasks' lists may exclude it)")
             log.info("task %s skipped: no dataset provides it", t.name)
             continue
         providers[t.name] = idx
@@ -315,8 +314,9 @@ class EpisodeDataset(torch.utils.data.Dataset):
     Item (Neuroverse3D): ``target_in (1, *S)``, ``target_out (1, *S)``, ``context_in (L, 1, *S)``,
     ``context_out (L, 1, *S)``, ``task`` (int index into ``tasks``), ``weight`` (float).
     Item (RandP, 2D): ``prompt_image``, ``prompt_label``, ``query_image``, ``query_label``, each
-    ``(3, H, W)`` (grey repeated on 3 channels), ``task``, ``weight``. The query label is only a
-    target: the model never sees it (RandP's training-inference aligned masking, Fig. 2 (d)).
+    ``(3, S, S)`` (the quadrants of the paper's 2x2 grid; :mod:`vicl_fast.data.tasks2d`), ``task``
+    (id of the task-classification head), ``weight``. The query label is only a target: the
+    model never sees it (RandP's training-inference aligned masking, Fig. 2 (d)).
 
     Args:
         split: "train" (augmented, train subjects) or "val" (no augmentation, target from the
@@ -390,6 +390,8 @@ class EpisodeDataset(torch.utils.data.Dataset):
             idx = [tgt] + rng.choice(pool, size=L, replace=len(pool) < L).tolist()
         subjects = [src.subject(int(i)) for i in idx]
         augment = self.split == "train" and self.cfg.data.augment
+        if self.family == "randp":
+            return self._randp_item(subjects, rng, augment, ti, task)
         kw: dict[str, Any] = {}
         if task.name == "segmentation":
             p = self.cfg.data.random_foreground_p if augment else 0.0
@@ -401,8 +403,6 @@ class EpisodeDataset(torch.utils.data.Dataset):
             spec = tasks3d.sample_task(subjects, rng, task.name, **kw)
         except ValueError as exc:  # e.g. no label class present in every drawn subject
             raise _Resample(str(exc)) from None
-        if self.family == "randp":
-            return self._randp_item(spec, subjects, rng, augment, ti, task)
         pairs = [tasks3d.apply_task(spec, s, rng, augment=augment) for s in subjects]
         ins = np.stack([a for a, _ in pairs])[:, None]
         outs = np.stack([b for _, b in pairs])[:, None]
@@ -414,25 +414,81 @@ class EpisodeDataset(torch.utils.data.Dataset):
             "task": ti, "weight": float(task.weight),
         }
 
-    def _randp_item(self, spec, subjects, rng, augment, ti, task) -> dict[str, Any]:
-        """2D episode: the 3D pairs of tasks3d, then one axial slice at the same relative height.
+    def _randp_item(self, subjects, rng: np.random.Generator, augment: bool, ti: int, task: TaskConfig
+                    ) -> dict[str, Any]:
+        """2D episode by the task synthesis of :mod:`vicl_fast.data.tasks2d` (RandP, Sec. 3).
 
-        Prompt = subjects[1], query = subjects[0]; the slice is drawn inside the query's
-        head (intensity > 0.05) so that it is not empty.
+        Query = ``subjects[0]``, prompt = ``subjects[1]`` (distinct subjects unless the pool is
+        smaller). One :class:`~vicl_fast.data.tasks2d.TaskSpec2D` is shared by the pair (slice
+        axis, structure, noise range, contrast), each side gets its own slice and noise draw
+        (:func:`~vicl_fast.data.tasks2d.make_pair_2d`). Segmentation: a binary structure shared
+        by both subjects, a mask or, from a label map, one class (with probability
+        ``data.random_foreground_p`` a random group of up to 10 classes, supplement B.3),
+        drawn as the paper's black/white colour label. With ``augment``, the subjects first get
+        the 3D image augmentation of :func:`vicl_fast.data.augment.augment_subject` (structure and
+        second modality warped jointly). The four images are (3, S, S), the quadrants of the
+        paper's 2x2 grid (``tasks2d.make_grid``); ``task`` is the task id of the task head.
         """
-        from vicl_fast.data import tasks3d
+        from vicl_fast.data import tasks2d
 
-        (qi, ql), (pi, pl) = [tasks3d.apply_task(spec, s, rng, augment=augment) for s in subjects[:2]]
-        head = np.nonzero((subjects[0].image > 0.05).any(axis=(0, 1)))[0]
-        lo, hi = (int(head.min()), int(head.max())) if len(head) else (0, qi.shape[2] - 1)
-        lo, hi = lo + (hi - lo) // 5, hi - (hi - lo) // 5  # central 60% of the head
-        z = int(rng.integers(lo, max(lo, hi) + 1))
+        size = int(self.cfg.data.grid[0])
+        pair = list(subjects[:2])
+        seg = task.name == "segmentation"
+        pick = self._seg_structure(pair, rng, augment) if seg else None
+        pair = [self._subject_2d(s, rng, augment, pick) for s in pair]
+        try:
+            spec = tasks2d.sample_task_2d(pair, rng, task.name, **({"mask": "_fg"} if seg else {}))
+        except ValueError as exc:
+            raise _Resample(str(exc)) from None
+        qi, ql = tasks2d.make_pair_2d(spec, pair[0], rng, size)
+        pi, pl = tasks2d.make_pair_2d(spec, pair[1], rng, size)
 
-        def sl(v: np.ndarray) -> torch.Tensor:  # volume (H, W, H') -> axial slice (3, H, W), grey x3
-            return torch.from_numpy(np.ascontiguousarray(v[:, :, z], dtype=np.float32))[None].expand(3, -1, -1)
+        def t(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
-        return {"prompt_image": sl(pi).clone(), "prompt_label": sl(pl).clone(), "query_image": sl(qi).clone(),
-                "query_label": sl(ql).clone(), "task": ti, "weight": float(task.weight)}
+        return {"prompt_image": t(pi), "prompt_label": t(pl), "query_image": t(qi), "query_label": t(ql),
+                "task": ti, "weight": float(task.weight)}
+
+    def _seg_structure(self, subjects, rng: np.random.Generator, augment: bool) -> tuple[str, str, list[int]]:
+        """``(kind, name, classes)`` of a structure present in every subject: ``("mask", name, [])`` or
+        ``("map", name, classes)``; masks and label maps are equally likely when both exist."""
+        masks = sorted(set.intersection(*[set(s.masks) for s in subjects]))
+        maps = sorted(set.intersection(*[set(s.label_maps) for s in subjects]))
+        if maps and (not masks or rng.random() < 0.5):
+            name = maps[int(rng.integers(len(maps)))]
+            present = sorted(set.intersection(*[set(np.unique(s.label_maps[name]).tolist())
+                                                for s in subjects]) - {0})
+            if not present:
+                raise _Resample(f"label map {name!r}: no class present in every drawn subject")
+            group = augment and rng.random() < self.cfg.data.random_foreground_p
+            k = int(rng.integers(1, min(10, len(present)) + 1)) if group else 1
+            return "map", name, sorted(int(c) for c in rng.choice(present, size=k, replace=False))
+        if not masks:
+            raise _Resample("no mask or label map is shared by the drawn subjects")
+        return "mask", masks[int(rng.integers(len(masks)))], []
+
+    @staticmethod
+    def _subject_2d(s, rng: np.random.Generator, augment: bool, pick: tuple[str, str, list[int]] | None):
+        """A light copy of subject ``s`` for tasks2d: the (augmented) image, its modalities, and for
+        segmentation the structure ``pick`` as the only mask ``"_fg"``."""
+        from vicl_fast.data.augment import augment_subject
+        from vicl_fast.data.tasks3d import Subject
+
+        labels = []
+        if pick is not None:
+            kind, name, classes = pick
+            labels = [s.masks[name] if kind == "mask" else s.label_maps[name]]
+        mods = sorted(s.modalities)
+        img, extra = s.image, [s.modalities[k] for k in mods]
+        if augment:
+            img, labels, extra, _ = augment_subject(img, labels, rng, extra_images=extra)
+        masks = {}
+        if pick is not None:
+            lab = np.asarray(labels[0])
+            masks["_fg"] = lab.astype(bool) if pick[0] == "mask" else np.isin(lab, pick[2])
+        return Subject(s.name, np.asarray(img, np.float32), masks=masks,
+                       modalities={k: np.asarray(v, np.float32) for k, v in zip(mods, extra)},
+                       affine=s.affine, has_skull=s.has_skull, source=s.source)
 
 
 class _Resample(Exception):

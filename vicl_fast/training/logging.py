@@ -80,7 +80,8 @@ class RunLogger:
     TRAIN_COLUMNS = ["step", "loss", "lr", "grad_norm", "context_size", "mini_context", "tasks", "sec_per_step"]
 
     def __init__(self, out_dir: str | os.PathLike, task_names: Sequence[str], *, enabled: bool, total: int,
-                 initial: int, progress: bool, tensorboard: bool):
+                 initial: int, progress: bool, tensorboard: bool,
+                 val_metrics: dict[str, Sequence[str]] | None = None):
         self.enabled = enabled
         self.tb = None
         self.bar = None
@@ -89,19 +90,25 @@ class RunLogger:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.train = CSVLog(out / "train.csv", self.TRAIN_COLUMNS)
-        val_cols = ["step", "loss", "dice", "psnr"]
+        # val_metrics: task -> metric names (default: dice for segmentation, psnr otherwise)
+        vm = {t: list((val_metrics or {}).get(t) or ["dice" if t == "segmentation" else "psnr"])
+              for t in task_names}
+        val_cols = ["step", "loss", "dice", "psnr"] + (["ssim"] if any("ssim" in m for m in vm.values()) else [])
         for t in task_names:
-            val_cols += [f"{t}/loss", f"{t}/{'dice' if t == 'segmentation' else 'psnr'}"]
+            val_cols += [f"{t}/loss"] + [f"{t}/{m}" for m in vm[t]]
         self.val = CSVLog(out / "val.csv", val_cols)
         self.train.truncate_after(initial)
         self.val.truncate_after(initial)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
+            except Exception as exc:  # the tensorboard package is optional: CSV only, said once
+                log.info("TensorBoard log off: torch.utils.tensorboard cannot be imported (%s: %s); "
+                         "`pip install tensorboard` to enable it, or set train.tensorboard: false. "
+                         "CSV logs: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+                         out)
+            else:
                 self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=initial + 1)
-            except Exception:  # tensorboard not installed: CSV only
-                self.tb = None
         if progress:
             from tqdm.auto import tqdm
 
@@ -126,7 +133,7 @@ class RunLogger:
                 if k != "step" and isinstance(v, (int, float)) and not math.isnan(v):
                     self.tb.add_scalar(f"val/{k}", v, row["step"])
         msg = ", ".join(f"{k} {v:.4g}" for k, v in row.items()
-                        if k in ("loss", "dice", "psnr") and isinstance(v, float) and not math.isnan(v))
+                        if k in ("loss", "dice", "psnr", "ssim") and isinstance(v, float) and not math.isnan(v))
         self.write(f"step {row['step']}: validation {msg}")
 
     def update(self, n: int = 1, **postfix: Any) -> None:

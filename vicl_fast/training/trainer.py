@@ -12,12 +12,15 @@ Per step (``train.batch_size`` episodes per process):
   generation), weights of Table 3 (segmentation 50 = the official "50 x").
 - RandP (2D): ``model(prompt_image, prompt_label, query_image)``; the query
   label is never an input (training-inference aligned masking: the whole query
-  label is the model's [MASK] token); loss = smoothL1 + 0.1 CE(task logits).
+  label is the model's [MASK] token); episodes from :mod:`vicl_fast.data.tasks2d`
+  (segmentation, denoising, super-resolution, synthesis; task id = index of the
+  task head); loss = smoothL1 + 0.1 CE(task logits) (``optim.ce_weight``).
 - Adam, global-norm gradient clipping, bf16 autocast on CUDA (loss in float32),
   LR: ReduceLROnPlateau on the validation loss (x0.5, patience in evaluations)
   or linear warm-up + cosine decay per step.
 - Every ``val_every`` steps: fixed validation episodes (targets from held-out
-  subjects), loss, Dice (segmentation, threshold 0.5) and PSNR (generation).
+  subjects), loss, Dice (segmentation, threshold 0.5) and PSNR (generation), and
+  SSIM (generation) for RandP, the metrics of each paper.
 - Checkpoints (:mod:`.checkpointing`) every ``ckpt_every`` steps, at the end
   and at every new best validation; resume restores model, optimizer,
   scheduler, RNG and step, and the data of step s depends only on (seed, s),
@@ -251,13 +254,22 @@ class Trainer:
         pi, pl, qi = (batch[k].to(dev, non_blocking=True) for k in ("prompt_image", "prompt_label", "query_image"))
         y = batch["query_label"].to(dev, non_blocking=True)
         with self._autocast():
-            pred = net(pi, pl, qi)  # the query label is never an input (aligned masking)
-        logits = getattr(self.model, "last_task_logits", None)
+            # Training-inference aligned masking (RandP Sec. 3, Fig. 2 (d)): the prompt pair and the
+            # query image are never masked and the query label is never an input; the model puts its
+            # learnable [MASK] token in the whole query-label quadrant, in training as at inference.
+            pred = net(pi, pl, qi)
+        logits = self.model.last_task_logits if hasattr(self.model, "last_task_logits") else None
         pred = pred.float()
         per = F.smooth_l1_loss(pred, y, reduction="none", beta=1.0).flatten(1).mean(1)
         loss = (w * per).mean()
-        if logits is not None and self.cfg.optim.ce_weight > 0:
-            loss = loss + self.cfg.optim.ce_weight * F.cross_entropy(logits.float(), task)
+        if logits is not None:
+            if logits.shape[-1] != len(self.tasks):
+                raise ValueError(f"model {self.cfg.model.name!r} has a task head of {logits.shape[-1]} classes but "
+                                 f"the run trains {len(self.tasks)} tasks ({', '.join(t.name for t in self.tasks)}); "
+                                 "remove num_tasks from model.kwargs (the trainer sets it)")
+            ce = F.cross_entropy(logits.float(), task)
+            # ce_weight 0 still keeps the head in the graph (DDP expects a gradient for every parameter)
+            loss = loss + self.cfg.optim.ce_weight * ce
         return loss, per, pred
 
     def _nv_per_sample(self, pred: torch.Tensor, y: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
@@ -294,11 +306,12 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Loss, Dice and PSNR on the fixed validation episodes (sharded over processes)."""
-        from vicl_fast.data.metrics import dice, psnr
+        from vicl_fast.data.metrics import dice, psnr, ssim
 
         self.model.eval()
         T = len(self.tasks)
-        acc = torch.zeros(T, 4, dtype=torch.float64)  # loss_sum, metric_sum, count, metric_count
+        # loss_sum, metric_sum, count, metric_count, ssim_sum, ssim_count (SSIM: RandP's generation metric)
+        acc = torch.zeros(T, 6, dtype=torch.float64)
         wloss = torch.zeros(2, dtype=torch.float64)
         mine = [i for i in range(self.cfg.data.val_episodes) if i % self.env.world_size == self.env.rank]
         sampler = [[(0, i)] for i in mine]
@@ -319,6 +332,9 @@ class Trainer:
                         m = dice(p[b] > 0.5, yy[b] > 0.5)
                 else:
                     m = psnr(np.clip(p[b], 0, 1), yy[b], data_range=1.0)
+                    if self.family == "randp":  # (3, S, S): SSIM averaged over the channels
+                        acc[ti, 4] += float(ssim(np.clip(p[b], 0, 1)[None], yy[b][None], 1.0, spatial_dims=2)[0])
+                        acc[ti, 5] += 1
                 if math.isfinite(m):
                     acc[ti, 1] += m
                     acc[ti, 3] += 1
@@ -327,18 +343,34 @@ class Trainer:
         if self.env.distributed:  # one all-reduce; NCCL needs device tensors
             dev = self.device if self.env.backend == "nccl" else torch.device("cpu")
             buf = D.all_reduce_sum(torch.cat([acc.flatten(), wloss]).to(dev), self.env).cpu()
-            acc, wloss = buf[: T * 4].view(T, 4), buf[T * 4:]
+            acc, wloss = buf[: T * 6].view(T, 6), buf[T * 6:]
         self.model.train()
         row: dict[str, float] = {"loss": float(wloss[0] / max(1.0, float(wloss[1])))}
         seg = [i for i in range(T) if self.task_kinds[i] == "seg" and acc[i, 3] > 0]
         gen = [i for i in range(T) if self.task_kinds[i] == "gen" and acc[i, 3] > 0]
         row["dice"] = float(acc[seg, 1].sum() / acc[seg, 3].sum()) if seg else float("nan")
         row["psnr"] = float(acc[gen, 1].sum() / acc[gen, 3].sum()) if gen else float("nan")
+        if self.family == "randp":
+            sg = [i for i in range(T) if acc[i, 5] > 0]
+            row["ssim"] = float(acc[sg, 4].sum() / acc[sg, 5].sum()) if sg else float("nan")
         for i, tk in enumerate(self.tasks):
             metric = "dice" if self.task_kinds[i] == "seg" else "psnr"
             row[f"{tk.name}/loss"] = float(acc[i, 0] / acc[i, 2]) if acc[i, 2] else float("nan")
             row[f"{tk.name}/{metric}"] = float(acc[i, 1] / acc[i, 3]) if acc[i, 3] else float("nan")
+            if self.family == "randp" and self.task_kinds[i] == "gen":
+                row[f"{tk.name}/ssim"] = float(acc[i, 4] / acc[i, 5]) if acc[i, 5] else float("nan")
         return row
+
+    def val_metric_names(self) -> dict[str, list[str]]:
+        """Per task, the validation metrics of the papers: Dice (segmentation), PSNR (generation),
+        and SSIM for RandP's generation tasks."""
+        out = {}
+        for i, tk in enumerate(self.tasks):
+            if self.task_kinds[i] == "seg":
+                out[tk.name] = ["dice"]
+            else:
+                out[tk.name] = ["psnr", "ssim"] if self.family == "randp" else ["psnr"]
+        return out
 
     # --------------------------------------------------------------------- fit
     def fit(self, max_steps: int | None = None) -> dict[str, Any]:
@@ -349,7 +381,8 @@ class Trainer:
         t = self.cfg.train
         stop = t.steps if max_steps is None else min(t.steps, self.step + max_steps)
         logger = RunLogger(self.out_dir, [tk.name for tk in self.tasks], enabled=self.env.is_main,
-                           total=t.steps, initial=self.step, progress=t.progress, tensorboard=t.tensorboard)
+                           total=t.steps, initial=self.step, progress=t.progress, tensorboard=t.tensorboard,
+                           val_metrics=self.val_metric_names())
         if self.env.is_main and self.step == 0:
             n_par = sum(p.numel() for p in self.model.parameters())
             logger.write(f"{self.cfg.model.name}: {n_par:,} parameters, {self.env.world_size} process(es) on "
