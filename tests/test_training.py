@@ -80,12 +80,17 @@ def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ training
-@pytest.mark.parametrize("family", ["neuroverse3d", "randp"])
-def test_ten_steps_reduce_loss(family, dataset, tmp_path):
-    """The loss on the first ten training batches (fixed, no grad) is lower after training on them."""
+@pytest.mark.parametrize("family,model", [("neuroverse3d", "neuroverse3d_tiny"), ("randp", "randp_vit_tiny"),
+                                          ("randp", "randp_uxnet_tiny")])
+def test_ten_steps_reduce_loss(family, model, dataset, tmp_path):
+    """The loss on the first ten training batches (fixed, no grad) is lower after training on them
+    (RandP with the ViT and with a U-Net backbone); RandP's LR follows warm-up + cosine."""
+    import math
+
     from vicl_fast.training.datasets import collate
 
     raw = (_nv_raw if family == "neuroverse3d" else _randp_raw)(dataset, tmp_path / "run")
+    raw["model"]["name"] = model
     if family == "neuroverse3d":
         raw["data"]["tasks"] = [{"name": "segmentation", "rate": 1, "weight": 50}]
     tr = _trainer(raw)
@@ -110,6 +115,11 @@ def test_ten_steps_reduce_loss(family, dataset, tmp_path):
     m = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints") / "model.safetensors")
     for k, v in m.state_dict().items():
         assert torch.equal(v, tr.model.state_dict()[k])
+    if family == "randp":  # warm-up 2 steps then cosine to 0 at step 10 (0-based step s: LR of its update)
+        lrs = [float(r.split(",")[2]) for r in rows[1:]]
+        want = [1e-3 * (s + 1) / 2 if s < 2 else 1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8))
+                for s in range(10)]
+        np.testing.assert_allclose(lrs, want, rtol=1e-5, atol=1e-12)
 
 
 def test_loss_matches_paper_formulas(dataset, tmp_path):
@@ -268,16 +278,19 @@ def _write_yaml(tmp_path: Path, raw: dict) -> Path:
     return f
 
 
-def test_episodes_do_not_depend_on_workers(dataset, tmp_path):
+@pytest.mark.parametrize("family", ["neuroverse3d", "randp"])
+def test_episodes_do_not_depend_on_workers(family, dataset, tmp_path):
     """Episode (step, slot) is the same with 0 or 2 DataLoader workers."""
     from vicl_fast.training.datasets import StepBatchSampler, make_loader
 
-    tr = _trainer(_nv_raw(dataset, tmp_path / "r"))
-    a = list(make_loader(tr.train_ds, StepBatchSampler(0, 3, 1), 0, 0))
-    b = list(make_loader(tr.train_ds, StepBatchSampler(0, 3, 1), 2, 0))
+    tr = _trainer((_nv_raw if family == "neuroverse3d" else _randp_raw)(dataset, tmp_path / "r"))
+    a = list(make_loader(tr.train_ds, StepBatchSampler(0, 3, 2), 0, 0))
+    b = list(make_loader(tr.train_ds, StepBatchSampler(0, 3, 2), 2, 0))
+    assert len(a) == len(b) == 3
     for x, y in zip(a, b):
-        for k in ("target_in", "target_out", "context_in", "context_out", "task"):
-            assert torch.equal(x[k], y[k])
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
 
 
 # ----------------------------------------------------------------- DDP (gloo)
@@ -298,8 +311,10 @@ distributed.cleanup()
 """
 
 
-def test_two_process_gloo_stays_in_sync(dataset, tmp_path):
-    raw = _nv_raw(dataset, tmp_path / "run", steps=2, val_every=2, ckpt_every=2)
+@pytest.mark.parametrize("family", ["neuroverse3d", "randp"])
+def test_two_process_gloo_stays_in_sync(family, dataset, tmp_path):
+    make = _nv_raw if family == "neuroverse3d" else _randp_raw
+    raw = make(dataset, tmp_path / "run", steps=2, val_every=2, ckpt_every=2)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     script = tmp_path / "ddp_run.py"
@@ -316,3 +331,335 @@ def test_two_process_gloo_stays_in_sync(dataset, tmp_path):
         assert torch.equal(p0[k], p1[k]), k
     assert any(not torch.equal(p0[k], i0[k]) for k in p0)  # it trained
     assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "state.json").is_file()  # rank 0 saved
+
+
+# ------------------------------------------------------ RandP episodes (tasks2d)
+def _find_slice(vol: np.ndarray, img: np.ndarray) -> tuple[int, int] | None:
+    """(axis, index) of the slice of ``vol`` equal to ``img`` (grid = slice size: no resampling)."""
+    for ax in range(3):
+        for i in range(vol.shape[ax]):
+            if np.allclose(np.take(vol, i, axis=ax), img, atol=1e-6):
+                return ax, i
+    return None
+
+
+def test_randp_episodes_are_tasks2d_slices(dataset, tmp_path):
+    """Validation episodes (no augmentation): the query is a slice of a held-out subject, the prompt one
+    of a training subject, each task's label is what tasks2d defines, task ids index the task head."""
+    from vicl_fast.data.tasks3d import downsample_upsample
+    from vicl_fast.training.config import RANDP_TASKS
+
+    raw = _randp_raw(dataset, tmp_path / "r")
+    raw["data"]["val_episodes"] = 24
+    tr = _trainer(raw)
+    assert [t.name for t in tr.tasks] == [n for n, _, _ in RANDP_TASKS] == [
+        "segmentation", "denoising", "super_resolution", "synthesis"]
+    assert tr.model.task_head.fc.out_features == 4
+    src = tr.sources[0]
+    held = [src.subject(i) for i in tr.val_ds.val_idx[0]]
+    train = [src.subject(i) for i in tr.train_ds.train_idx[0]]
+    seen = set()
+    for e in range(24):
+        it = tr.val_ds[(0, e)]
+        name = tr.tasks[it["task"]].name
+        seen.add(name)
+        pi, pl, qi, ql = (it[k].numpy() for k in ("prompt_image", "prompt_label", "query_image", "query_label"))
+        for x in (pi, pl, qi, ql):
+            assert x.shape == (3, 32, 32) and x.dtype == np.float32
+            assert np.array_equal(x[0], x[1]) and np.array_equal(x[0], x[2])  # grey / binary colours x 3
+        clean_q = ql[0] if name in ("denoising", "super_resolution") else qi[0]
+        clean_p = pl[0] if name in ("denoising", "super_resolution") else pi[0]
+        hits = [(s, _find_slice(s.image, clean_q)) for s in held]
+        hits = [(s, h) for s, h in hits if h is not None]
+        assert hits, f"episode {e} ({name}): the query is not a slice of a held-out subject"
+        assert any(_find_slice(s.image, clean_p) is not None for s in train), f"episode {e}: prompt"
+        if name == "segmentation":
+            s, (ax, i) = hits[0]
+            lab = np.take(s.label_maps["label"], i, axis=ax)
+            assert set(np.unique(ql)) <= {0.0, 1.0}
+            assert any(np.array_equal(ql[0], (lab == c).astype(np.float32)) for c in (1, 2)), e
+        elif name == "denoising":
+            noise = qi[0] - ql[0]
+            assert 0.03 < noise.std() < 0.2 and abs(noise.mean()) < 0.05
+        elif name == "super_resolution":
+            np.testing.assert_allclose(qi[0], downsample_upsample(ql[0], 2)[0], atol=1e-6)
+        else:  # synthesis: a GIN contrast of the slice (no targets/ in this dataset)
+            assert not np.allclose(qi, ql) and ql.min() >= 0 and ql.max() <= 1
+    assert seen == {"segmentation", "denoising", "super_resolution", "synthesis"}
+
+
+@pytest.mark.parametrize("model", ["randp_vit_tiny", "randp_uxnet_tiny", "randp_swinunetr_tiny",
+                                   "randp_restormer_tiny"])
+def test_every_randp_backbone_trains_by_config(model, dataset, tmp_path):
+    """model.name picks the backbone; one step updates the weights and reaches the task head (CE term)."""
+    from vicl_fast.training.datasets import collate
+
+    raw = _randp_raw(dataset, tmp_path / "r")
+    raw["model"]["name"] = model
+    if "swinunetr" in model:  # its 5th stage is 1x1 at 32x32 (instance norm needs > 1 element)
+        raw["data"]["grid"] = [64, 64]
+    tr = _trainer(raw)
+    before = _params(tr.model)
+    batch = collate([tr.train_ds[(0, b)] for b in range(2)])
+    out = tr.train_step(batch, 0)
+    assert np.isfinite(out["loss"]) and out["grad_norm"] > 0
+    assert tr.model.task_head.fc.weight.grad is not None and tr.model.task_head.fc.weight.grad.abs().sum() > 0
+    changed = [k for k, v in tr.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) > len(before) // 2
+
+
+def test_randp_task_names_and_grid_errors(dataset, tmp_path):
+    raw = _randp_raw(dataset, tmp_path / "o")
+    raw["data"]["tasks"] = [{"name": "gaussian_noise"}]
+    with pytest.raises(ConfigError, match=r"data\.tasks\[0\].*'gaussian_noise'.*'denoising'"):
+        config_from_dict(raw)
+    raw["data"]["tasks"] = [{"name": "denoising"}, {"name": "denoising"}]
+    with pytest.raises(ConfigError, match="listed twice"):
+        config_from_dict(raw)
+    raw = _randp_raw(dataset, tmp_path / "o")
+    raw["data"]["grid"] = [32, 48]
+    with pytest.raises(ConfigError, match=r"data\.grid.*square"):
+        config_from_dict(raw)
+    raw = _nv_raw(dataset, tmp_path / "o")
+    raw["data"]["tasks"] = [{"name": "denoising"}]
+    with pytest.raises(ConfigError, match="2D RandP task"):
+        config_from_dict(raw)
+
+
+# ------------------------------------------------------- the papers' recipes
+def test_paper_defaults(dataset, tmp_path):
+    """Neuroverse3D: Table 3 rates/weights, Adam 1e-4, clip 0.25, ReduceLROnPlateau x0.5 / 20 evaluations,
+    L = l = 3 for 100K of 120K steps then L ~ U{1..8}; RandP: Adam, max LR 1e-3, warm-up + cosine, 0.1 CE."""
+    from vicl_fast.training.config import NEUROVERSE3D_TASKS
+    from vicl_fast.training.trainer import WarmupCosine
+
+    raw = _nv_raw(dataset, tmp_path / "a")
+    del raw["data"]["tasks"], raw["data"]["context_phases"], raw["optim"]
+    raw["train"]["steps"] = 120000
+    cfg = config_from_dict(raw)
+    assert (cfg.optim.lr, cfg.optim.grad_clip, cfg.optim.schedule) == (1e-4, 0.25, "plateau")
+    assert (cfg.optim.plateau_factor, cfg.optim.plateau_patience) == (0.5, 20)
+    ph = [(p.from_step, p.min, p.max, p.mini_context) for p in cfg.data.context_phases]
+    assert ph == [(0, 3, 3, 3), (100000, 1, 8, 3)]
+    from vicl_fast.training.trainer import Trainer
+
+    tr = Trainer(cfg)
+    assert type(tr.optimizer) is torch.optim.Adam and tr.optimizer.param_groups[0]["lr"] == 1e-4
+    assert isinstance(tr.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    # the toy folder has labels but no brain masks: every Table 3 task but skull stripping
+    table = {n: (r, w) for n, r, w in NEUROVERSE3D_TASKS}
+    assert [t.name for t in tr.tasks] == [n for n in table if n != "skull_stripping"]
+    assert all((t.rate, t.weight) == table[t.name] for t in tr.tasks)
+
+    raw = _randp_raw(dataset, tmp_path / "b")
+    raw["optim"] = {}
+    raw["train"]["steps"] = 2000
+    tr = _trainer(raw)
+    o = tr.cfg.optim
+    assert (o.lr, o.schedule, o.warmup_steps, o.ce_weight) == (1e-3, "cosine", 100, 0.1)
+    assert type(tr.optimizer) is torch.optim.Adam and isinstance(tr.scheduler, WarmupCosine)
+
+
+def test_task_sampling_follows_rates(dataset, tmp_path):
+    """Tasks are drawn with the configured rates (Table 3: segmentation twice as often) and each
+    episode carries its task's weight."""
+    from scipy.stats import chisquare
+
+    raw = _nv_raw(dataset, tmp_path / "a")
+    raw["data"]["tasks"] = [{"name": "segmentation", "rate": 2, "weight": 50},
+                            {"name": "gaussian_noise", "rate": 1, "weight": 1},
+                            {"name": "slices_to_volume", "rate": 1, "weight": 0.5}]
+    tr = _trainer(raw)
+    n = 8000
+    counts = np.bincount([tr.train_ds._pick(np.random.default_rng([0, i]))[0] for i in range(n)], minlength=3)
+    assert chisquare(counts, n * np.array([0.5, 0.25, 0.25])).pvalue > 1e-3, counts
+    for s in range(6):
+        it = tr.train_ds[(s, 0)]
+        assert it["weight"] == [50.0, 1.0, 0.5][it["task"]]
+
+
+def test_gradient_clipping(dataset, tmp_path):
+    from vicl_fast.training.datasets import collate
+
+    tr = _trainer(_nv_raw(dataset, tmp_path / "a"))
+    tr.cfg.optim.grad_clip = 1e-3
+    out = tr.train_step(collate([tr.train_ds[(0, 0)]]), 0)
+    total = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in tr.model.parameters() if p.grad is not None))
+    assert out["grad_norm"] > 1e-2  # the norm before clipping is reported
+    assert float(total) <= 1e-3 * (1 + 1e-4)
+
+
+def test_plateau_halves_lr_after_patience(dataset, tmp_path, monkeypatch):
+    """ReduceLROnPlateau on the validation loss: x0.5 once `patience` evaluations bring no improvement."""
+    raw = _nv_raw(dataset, tmp_path / "a", steps=4, val_every=1)
+    raw["optim"]["plateau_patience"] = 1
+    tr = _trainer(raw)
+    vals = iter([1.0, 1.0, 1.0, 0.5])  # best at step 1; steps 2, 3 without improvement; step 4 improves
+    monkeypatch.setattr(tr, "validate", lambda: {"loss": next(vals), "dice": float("nan"), "psnr": float("nan")})
+    lrs = []
+    orig = tr.train_step
+    monkeypatch.setattr(tr, "train_step", lambda b, s: (lrs.append(tr.optimizer.param_groups[0]["lr"]), orig(b, s))[1])
+    tr.fit()
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4])  # reduced after the evaluation of step 3
+    assert tr.best == 0.5
+
+
+def test_bf16_autocast(dataset, tmp_path):
+    """amp 'auto' is off on CPU; 'bf16' runs the model under bfloat16 autocast, the loss in float32."""
+    from vicl_fast.training.datasets import collate
+
+    assert _trainer(_randp_raw(dataset, tmp_path / "a")).amp_dtype is None
+    tr = _trainer(_randp_raw(dataset, tmp_path / "b", amp="bf16"))
+    assert tr.amp_dtype == torch.bfloat16
+    dtypes = []
+    lin = next(m for m in tr.model.modules() if isinstance(m, torch.nn.Linear))
+    lin.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    loss, per, pred = tr._forward_loss(collate([tr.train_ds[(0, b)] for b in range(2)]), 0, train=True)
+    assert dtypes and dtypes[0] == torch.bfloat16
+    assert loss.dtype == torch.float32 and pred.dtype == torch.float32 and torch.isfinite(loss)
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_default_on_cuda(dataset, tmp_path):
+    tr = _trainer(_randp_raw(dataset, tmp_path / "a", device="cuda"))
+    assert tr.amp_dtype == torch.bfloat16 and tr.device.type == "cuda"
+    from vicl_fast.training.datasets import collate
+
+    out = tr.train_step(collate([tr.train_ds[(0, b)] for b in range(2)]), 0)
+    assert np.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("mode", ["scaled", "exact"])
+def test_apsp_mode_and_context_size_per_step(mode, dataset, tmp_path):
+    """Each step draws L from its phase (shared by the step's slots); the model gets the phase's
+    mini-context size and train.apsp_mode; 'exact' gives the full-context gradient."""
+    from vicl_fast.training.datasets import collate, context_size_for_step
+
+    raw = _nv_raw(dataset, tmp_path / "a", apsp_mode=mode, batch_size=2)
+    raw["data"]["context_phases"] = [{"from_step": 0, "min": 3, "max": 3, "mini_context": 3},
+                                     {"from_step": 5, "min": 1, "max": 4, "mini_context": 2}]
+    tr = _trainer(raw)
+    Ls = [context_size_for_step(tr.cfg, s) for s in range(40)]
+    assert all(x == (3, 3) for x in Ls[:5])
+    assert {L for L, _ in Ls[5:]} == {1, 2, 3, 4} and all(l == 2 for _, l in Ls[5:])
+    for s in (0, 7, 8):
+        b = collate([tr.train_ds[(s, k)] for k in range(2)])
+        assert b["context_in"].shape[1] == Ls[s][0]
+    calls = []
+    model = tr.model
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, *a, **kw):
+            calls.append((a[1].shape[1], a[3], kw.get("apsp_mode")))
+            return self.m(*a, **kw)
+
+    tr.ddp = Spy()
+    step = next(s for s in range(5, 40) if Ls[s][0] == 4)
+    batch = collate([tr.train_ds[(step, k)] for k in range(2)])
+    tr.model.zero_grad()
+    loss, _, _ = tr._forward_loss(batch, step, train=True)
+    loss.backward()
+    assert calls == [(4, 2, mode)]
+    if mode == "exact":  # two mini-contexts of 2, gradient of the full 4-context average
+        g_exact = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        tr.cfg.train.apsp_mode = "full"
+        loss_full, _, _ = tr._forward_loss(batch, step, train=True)
+        loss_full.backward()
+        torch.testing.assert_close(loss_full, loss, rtol=1e-5, atol=1e-7)
+        for a, p in zip(g_exact, model.parameters()):
+            torch.testing.assert_close(a, p.grad, rtol=1e-3, atol=1e-6)
+
+
+# ----------------------------------------------------- validation and logs
+def test_validation_metrics_match_independent_computation(dataset, tmp_path):
+    """RandP validation: Dice (segmentation), PSNR and SSIM (generation) equal scikit-image / NumPy on
+    the same episodes and predictions."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    raw = _randp_raw(dataset, tmp_path / "a")
+    raw["data"]["val_episodes"] = 12
+    tr = _trainer(raw)
+    row = tr.validate()
+    per: dict[str, list[float]] = {}
+    ssims, losses = [], []
+    tr.model.eval()
+    with torch.no_grad():
+        for i in range(12):
+            it = tr.val_ds[(0, i)]
+            pred = tr.model(it["prompt_image"][None], it["prompt_label"][None], it["query_image"][None])[0]
+            p = pred.double().numpy()
+            y = it["query_label"].double().numpy()
+            losses.append(float(torch.nn.functional.smooth_l1_loss(pred, it["query_label"])))
+            name = tr.tasks[it["task"]].name
+            if name == "segmentation":
+                a, b = p.mean(0) > 0.5, y.mean(0) > 0.5
+                per.setdefault(name, []).append(1.0 if a.sum() + b.sum() == 0 else
+                                                2 * (a & b).sum() / (a.sum() + b.sum()))
+            else:
+                pc = np.clip(p, 0, 1)
+                per.setdefault(name, []).append(peak_signal_noise_ratio(y, pc, data_range=1.0))
+                s = structural_similarity(y, pc, channel_axis=0, gaussian_weights=True, sigma=1.5,
+                                          use_sample_covariance=False, data_range=1.0)
+                per.setdefault(name + "/ssim", []).append(s)
+                ssims.append(s)
+    assert row["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+    for k, v in per.items():
+        key = k if k.endswith("/ssim") else f"{k}/{'dice' if k == 'segmentation' else 'psnr'}"
+        assert row[key] == pytest.approx(np.mean(v), rel=1e-5, abs=1e-9), key
+    gen = [x for k, v in per.items() if k not in ("segmentation",) and not k.endswith("/ssim") for x in v]
+    assert row["psnr"] == pytest.approx(np.mean(gen), rel=1e-6)
+    assert row["ssim"] == pytest.approx(np.mean(ssims), rel=1e-5)
+    assert row["dice"] == pytest.approx(np.mean(per["segmentation"]), rel=1e-9)
+
+
+def test_logs_progress_and_tensorboard_notice(dataset, tmp_path, monkeypatch, capsys):
+    """Validation every val_every steps in val.csv; a progress bar; without the tensorboard package a
+    one-line notice and the CSV logs (with it: event files)."""
+    import logging
+
+    records: list[str] = []
+
+    class H(logging.Handler):
+        def emit(self, r):
+            records.append(r.getMessage())
+
+    lg = logging.getLogger("vicl_fast.training")
+    h = H()
+    lg.addHandler(h)
+    monkeypatch.setenv("VICL_FAST_PROGRESS", "1")
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        has_tb = True
+    except Exception:
+        has_tb = False
+    try:
+        tr = _trainer(_randp_raw(dataset, tmp_path / "r", steps=4, val_every=2, progress=True, tensorboard=True))
+        tr.fit()
+    finally:
+        lg.removeHandler(h)
+    err = capsys.readouterr().err
+    assert "4/4" in err  # tqdm's bar
+    val = (tmp_path / "r" / "val.csv").read_text().splitlines()
+    assert val[0].startswith("step,loss,dice,psnr,ssim,") and [r.split(",")[0] for r in val[1:]] == ["2", "4"]
+    if has_tb:
+        assert list((tmp_path / "r" / "tensorboard").glob("events.*"))
+    else:
+        notes = [m for m in records if "TensorBoard" in m]
+        assert len(notes) == 1 and "\n" not in notes[0] and "pip install tensorboard" in notes[0]
+
+
+def test_shipped_configs_load():
+    """Every trainer config of train/configs loads and validates (data folders are checked by --check)."""
+    from vicl_fast.training import load_config
+
+    files = sorted((REPO / "train" / "configs").glob("neuroverse3d*.yaml")) + \
+        sorted((REPO / "train" / "configs").glob("randp*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.family == ("neuroverse3d" if f.name.startswith("neuroverse3d") else "randp"), f
