@@ -663,3 +663,31 @@ def test_shipped_configs_load():
     for f in files:
         cfg = load_config(f)
         assert cfg.family == ("neuroverse3d" if f.name.startswith("neuroverse3d") else "randp"), f
+
+
+def test_folder_masks_and_targets(tmp_path, capsys):
+    """masks/ enables skull_stripping, targets/ gives real modality pairs: RandP synthesis maps a slice
+    of the image to the same slice of the registered target."""
+    root = _write_dataset(tmp_path / "mm", n=4)
+    (root / "masks").mkdir()
+    (root / "targets").mkdir()
+    for f in sorted((root / "images").iterdir()):
+        im = nib.load(str(f))
+        x = np.asarray(im.dataobj, np.float32)
+        nib.save(nib.Nifti1Image((x > 300).astype(np.uint8), im.affine), str(root / "masks" / f.name))
+        nib.save(nib.Nifti1Image((x.max() - x).astype(np.float32), im.affine), str(root / "targets" / f.name))
+    raw = _nv_raw(root, tmp_path / "o")
+    del raw["data"]["tasks"]
+    rc = main(["--config", str(_write_yaml(tmp_path, raw)), "--check"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "skull_stripping" in out.splitlines()[-1]
+    raw = _randp_raw(root, tmp_path / "r")
+    raw["data"]["tasks"] = [{"name": "synthesis"}]
+    tr = _trainer(raw)
+    src = tr.sources[0]
+    for e in range(3):
+        it = tr.val_ds[(0, e)]
+        qi, ql = it["query_image"][0].numpy(), it["query_label"][0].numpy()
+        hit = [(s, _find_slice(s.image, qi)) for s in (src.subject(i) for i in range(len(src)))]
+        s, (ax, i) = next((s, h) for s, h in hit if h is not None)
+        np.testing.assert_allclose(ql, np.clip(np.take(s.modalities["target"], i, axis=ax), 0, 1), atol=1e-6)

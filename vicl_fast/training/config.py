@@ -384,6 +384,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{k} must be >= 1, got {getattr(t, k)}")
     if cfg.optim.lr is not None and cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
+    if cfg.optim.ce_weight < 0:
+        raise ConfigError(f"optim.ce_weight must be >= 0 (RandP: 0.1), got {cfg.optim.ce_weight}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas needs two numbers, got {cfg.optim.betas}")
 
