@@ -236,20 +236,35 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _sum_contexts(f: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of (B, L', C, *S) over L' into ``out`` (in place) or a new (B, C, *S) accumulator.
+
+    Context by context with in-place adds rather than ``f.sum(1)``: keeps f's
+    memory layout (a reduction over dim 1 of a channels-last 6D view returns a
+    contiguous tensor, ~2x slower on the CPU, and the layout mismatch then costs
+    conversions downstream) and needs no temporary of the sum's size.
+    Accumulates in float32 (float64 for float64 features).
+    """
+    start = 0
+    if out is None:
+        out = f[:, 0].to(_acc_dtype(f), copy=True)
+        start = 1
+    for i in range(start, f.shape[1]):
+        out.add_(f[:, i])
+    return out
+
+
 def _accumulate(model, stream: Iterator, tctx: Sequence[torch.Tensor], fast: bool,
                 sums: list[torch.Tensor] | None = None) -> list[torch.Tensor] | None:
     """Sum the context features of every mini-context of ``stream`` into ``sums`` (B, C_k, *S_k)."""
     for ci, co, _ in stream:
         feats = model._context_branch(ci, co, tctx, fast)
         if sums is None:
-            sums = [f.sum(1, dtype=_acc_dtype(f)) for f in feats]
+            sums = [_sum_contexts(f) for f in feats]
         else:
-            for s, f in zip(sums, feats):
-                if f.shape[1] == 1:  # add in place, no temporary of the sum's size
-                    s.add_(f[:, 0])
-                else:
-                    s.add_(f.sum(1, dtype=s.dtype))
-        del feats
+            for i in range(len(sums)):  # no loop variable left holding the finest feature
+                _sum_contexts(feats[i], sums[i])
+        del feats  # before the next mini-context's features exist (memory of one mini-context)
     return sums
 
 
@@ -299,10 +314,10 @@ class _ExactContextMeans(torch.autograd.Function):
                 # d mean / d feature of one context = 1 / L, broadcast over its L' contexts
                 gouts = [(g / runner.L).to(f.dtype).unsqueeze(1).expand_as(f) for g, f in zip(grads, feats)]
                 got = torch.autograd.grad(feats, wrt, gouts, allow_unused=True)
-                for i, g in enumerate(got):
-                    if g is not None:
-                        acc[i] = g if acc[i] is None else acc[i].add_(g)
-                del feats, got
+                for i in range(len(got)):
+                    if got[i] is not None:
+                        acc[i] = got[i] if acc[i] is None else acc[i].add_(got[i])
+                del feats, got, gouts  # nothing of this mini-context survives into the next one
         it = iter(acc)
         out = [next(it) if x.requires_grad else None for x in (*leaves, *params)]
         return (None, None, *out)
@@ -361,7 +376,7 @@ def context_means(model, tctx: Sequence[torch.Tensor], context_in: torch.Tensor,
             sums = _accumulate(model, ContextStream(context_in, context_out, chunks[:-1], device, dtype), tctx, fast)
         ci, co, _ = next(iter(ContextStream(context_in, context_out, chunks[-1:], device, dtype)))
         feats = model._context_branch(ci, co, tctx, fast)
-        return [(s + _ScaleGrad.apply(f.sum(1, dtype=s.dtype), float(n))) / L for s, f in zip(sums, feats)]
+        return [(s + _ScaleGrad.apply(_sum_contexts(f), float(n))) / L for s, f in zip(sums, feats)]
     runner = _Runner(model, context_in, context_out, chunks, fast, device, L)
     return list(_ExactContextMeans.apply(runner, len(tctx), *tctx, *runner.params))
 
