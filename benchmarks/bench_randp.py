@@ -23,20 +23,20 @@ Columns:
   (default 1), 2 rounds after 1 warm-up call; only randp_vit_l,
   painter_vit_l and randp_uxnet in fp32 inference unless ``--bench-full``.
 - **peak memory** of one call (inference forward, or one training step:
-  forward + loss + backward + AdamW step, optimizer state already allocated).
-  GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
-  (weights, optimizer state, inputs and activations: the total). CPU: the
-  peak RSS of the call above the RSS before it (weights, optimizer state and
-  inputs already resident, so this is the activation/workspace peak; with
-  glibc serving allocations >= 64 KiB by mmap and the kernel high-water mark
-  reset through ``/proc/self/clear_refs``), plus the resident weights +
-  optimizer-state bytes in a separate column.
+  forward + loss + backward + AdamW step, optimizer state already allocated),
+  as tensor bytes on both devices (see :class:`_Peak`). GPU:
+  ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+  CPU: resident tensors (weights, buffers, gradients, AdamW state, inputs)
+  + the peak of the tensor bytes live during the call, from the
+  ``torch.profiler`` memory events (the CPU has no allocator statistics; the
+  process RSS would mix in library caches and freed-but-kept pages). The
+  resident part is also reported on its own.
 - **dtypes**: fp32; bf16 = bfloat16 weights for inference (deployment),
   ``torch.autocast(bfloat16)`` over fp32 master weights for training.
 - **Hungarian share**: time of RandP's matching step (cosine cost + batched
   exact assignment, :func:`vicl_fast.ops.retrieve.match_tokens`) on the
   forward's own (B, 256, 1024) tokens, divided by the whole forward's time,
-  same device / batch / dtype. Target (paper): under 2%.
+  same device / batch / dtype, best of several calls each. Target (paper): under 2%.
 
 Training steps per model: RandP models ``randp_loss`` (smooth-L1 + 0.1 CE);
 Painter its masked smooth-L1 (``training_loss``, block masking); PromptGIP /
@@ -44,7 +44,6 @@ MAE-VQGAN their MIM objectives (``forward_mim``).
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import platform
@@ -77,45 +76,40 @@ _EXTRA: dict[str, object] = {}
 
 # ----------------------------------------------------------------------------- helpers
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 class _Peak:
-    """Peak memory of a block: CUDA max_memory_allocated, or CPU peak RSS above the start (module docstring)."""
+    """Peak tensor memory of one call, the same quantity on both devices.
 
-    _mallopt = False
+    GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
+    (everything allocated: weights, optimizer state, inputs, activations).
+    CPU: the tensor bytes resident before the call (``resident``: weights,
+    buffers, gradients, optimizer state, inputs) plus the peak of the live
+    tensor bytes allocated during the call, replayed from the allocation /
+    free events of ``torch.profiler`` (``profile_memory=True``). Library
+    caches (oneDNN scratchpads, glibc arenas) are not tensors and are not
+    counted, as on the GPU.
+    """
 
-    def __init__(self) -> None:
-        self.cpu_ok = Path("/proc/self/clear_refs").exists()
-        if not CUDA and not _Peak._mallopt:
-            try:  # M_MMAP_THRESHOLD = -3: fixed 64 KiB threshold, freed tensors leave the RSS at once
-                ctypes.CDLL("libc.so.6").mallopt(-3, 65536)
-            except OSError:
-                pass
-            _Peak._mallopt = True
+    def __init__(self, resident: int) -> None:
+        self.resident = resident
 
-    def __enter__(self):
+    def run(self, fn) -> int:
         if CUDA:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        elif self.cpu_ok:
-            gc.collect()
-            self.base = _status("VmRSS:")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if CUDA:
+            fn()
             torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated()
-        else:
-            self.bytes = _status("VmHWM:") - self.base if self.cpu_ok else -1
+            return torch.cuda.max_memory_allocated()
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        live = peak = 0
+        for _, nbytes in events:
+            live += nbytes
+            peak = max(peak, live)
+        return self.resident + peak
 
 
 def _sync() -> None:
@@ -209,8 +203,8 @@ def _markdown() -> str:
                    f"{r['matmul_gmacs']:.2f} | {r['conv_gmacs']:.2f} | {paper} |")
     cells = [(n, k) for n in MODELS for k in sorted(_ROWS.get(n, {})) if k.startswith("time:")]
     if cells:
-        mem = "peak GiB (max_memory_allocated)" if CUDA else "peak RSS above resident (GiB)"
-        out += ["", f"| model | dtype | mode | ms / image | {mem} | resident weights+state (GiB) |",
+        mem = "peak GiB (max_memory_allocated)" if CUDA else "peak GiB (resident + live tensor peak)"
+        out += ["", f"| model | dtype | mode | ms / image | {mem} | of which resident (GiB) |",
                 "|---|---|---|---|---|---|"]
         for n, k in cells:
             _, dtype, mode = k.split(":")
@@ -292,13 +286,12 @@ def test_time_memory(benchmark, name, dtype, mode):
         warmup = max(warmup - 1, 0)  # _train_step_fn already ran one step
     for _ in range(warmup):
         call()
-    with _Peak() as peak:
-        call()
+    resident = _state_bytes(model, opt) + sum(t.numel() * t.element_size() for t in x)
+    peak = _Peak(resident).run(call)
     benchmark.pedantic(call, rounds=rounds, iterations=1)
     ms = 1e3 * benchmark.stats.stats.min / BATCH
-    resident = _state_bytes(model, opt)
-    _row(name)[f"time:{dtype}:{mode}"] = dict(ms=ms, peak_gib=peak.bytes / 2 ** 30, resident_gib=resident / 2 ** 30)
-    benchmark.extra_info.update(ms_per_image=ms, peak_gib=peak.bytes / 2 ** 30, batch=BATCH, device=DEVICE)
+    _row(name)[f"time:{dtype}:{mode}"] = dict(ms=ms, peak_gib=peak / 2 ** 30, resident_gib=resident / 2 ** 30)
+    benchmark.extra_info.update(ms_per_image=ms, peak_gib=peak / 2 ** 30, batch=BATCH, device=DEVICE)
     if opt is not None:  # give the optimizer state back before the next cell
         del opt
         model.zero_grad(set_to_none=True)
@@ -307,7 +300,7 @@ def test_time_memory(benchmark, name, dtype, mode):
 
 # ----------------------------------------------------------------------------- Hungarian share
 
-def _median_time(fn, n: int) -> float:
+def _best_time(fn, n: int) -> float:
     times = []
     for _ in range(n):
         _sync()
@@ -315,7 +308,7 @@ def _median_time(fn, n: int) -> float:
         fn()
         _sync()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return min(times)  # least disturbed by other load on a shared machine
 
 
 @pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=[] if CUDA else [pytest.mark.slow])])
@@ -331,10 +324,10 @@ def test_hungarian_share(benchmark, dtype):
     with torch.inference_mode():
         model(*x)  # warm-up
         x_pi, _, x_qi, _ = model.fusion.encode(*model.fusion.embed(*x))  # the forward's own (B, 256, D) tokens
-        t_forward = _median_time(lambda: model(*x), n)
-        t_match = _median_time(lambda: match_tokens(x_pi, x_qi, "hungarian"), 5 * n)
+        t_forward = _best_time(lambda: model(*x), n)
+        t_match = _best_time(lambda: match_tokens(x_pi, x_qi, "hungarian"), 5 * n)
         cost = cosine_cost(x_pi, x_qi)
-        t_solver = _median_time(lambda: matching_permutation(cost, check=not CUDA), 5 * n)
+        t_solver = _best_time(lambda: matching_permutation(cost, check=not CUDA), 5 * n)
         benchmark.pedantic(lambda: match_tokens(x_pi, x_qi, "hungarian"), rounds=n, iterations=1)
     share = t_match / t_forward
     _EXTRA[f"Hungarian share ({dtype}, {DEVICE}, batch {BATCH})"] = (
