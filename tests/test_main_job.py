@@ -135,3 +135,39 @@ def test_unwritable_out_is_a_clear_error(tmp_path, capsys):
 
 def test_bad_flag_is_a_usage_error(capsys):
     assert main_job.main(["--device", "tpu"]) == main_job.EXIT_USAGE
+
+
+def test_gpu_recipe_parses_and_is_small_enough_to_ship():
+    root = Path(__file__).resolve().parents[1]
+    r = main_job.load_recipe(root / "train" / "configs" / "demo_gpu.yaml")
+    assert r.grid == 64 and r.channels == (8, 16, 32, 48, 64)
+    assert ("segmentation", 2.0, 50.0) in r.tasks
+    from vicl_fast.models import create_model
+
+    n = sum(p.numel() for p in create_model(r.model, channels=r.channels).parameters())
+    assert n * 2 < 5e6  # bf16 bytes: under the 5 MB a repository file may have
+    assert main_job.recipe_key(r) != main_job.recipe_key(main_job.FULL)
+
+
+def test_recipe_with_unknown_key_is_refused(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("grid: 32\nstepz: 10\n")
+    with pytest.raises(main_job.MainJobError, match="stepz"):
+        main_job.load_recipe(f)
+
+
+def test_bf16_export_loads_through_the_cli_loader(quick_run, tmp_path):
+    import torch
+
+    from vicl_fast.cli import load_model
+
+    _, cache = quick_run
+    src = next(cache.glob("*.safetensors"))
+    dst = main_job.export_bf16(src, tmp_path / "demo.safetensors", {"grid": 32, "source": "cache"})
+    assert dst.stat().st_size < 0.6 * src.stat().st_size
+    a, b = load_model(src), load_model(dst)
+    x = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    ci, co = torch.rand(1, 2, 1, 32, 32, 32), torch.rand(1, 2, 1, 32, 32, 32)
+    ya, yb = a.predict(x, ci, co), b.predict(x, ci, co)
+    assert torch.allclose(ya, yb, atol=0.05 * float(ya.abs().max()) + 1e-3)  # bf16 weights, fp32 maths
+    assert main_job._read_demo_meta(dst)["dtype"] == "bfloat16"

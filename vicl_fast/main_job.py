@@ -58,6 +58,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from vicl_fast.training.datasets import SubjectSource
+
 __all__ = ["Recipe", "FULL", "QUICK", "DEMO_TASKS", "main", "recipe_key", "train_or_load", "run"]
 
 #: Bump when the meaning of a recipe changes (invalidates every cached model).
@@ -162,6 +164,51 @@ def recipe_key(recipe: Recipe) -> str:
     """16 hex digits identifying ``recipe`` + the embedded data + :data:`RECIPE_VERSION`."""
     doc = {"recipe": dataclasses.asdict(recipe), "version": RECIPE_VERSION, "data": _data_digest()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """A :class:`Recipe` from a YAML file whose keys are its fields (e.g. ``train/configs/demo_gpu.yaml``);
+    missing keys take :data:`FULL`'s values. ``tasks`` is a list of ``{name, rate, weight}``."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise MainJobError(f"--recipe {p}: file not found", EXIT_USAGE)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MainJobError(f"--recipe {p} is not valid YAML: {exc}", EXIT_USAGE) from None
+    names = [f.name for f in dataclasses.fields(Recipe)]
+    if not isinstance(raw, dict) or any(k not in names for k in raw):
+        bad = [k for k in raw if k not in names] if isinstance(raw, dict) else raw
+        raise MainJobError(f"--recipe {p}: unknown key(s) {bad}; allowed: {', '.join(names)}", EXIT_USAGE)
+    kw: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k == "tasks":
+            v = tuple((str(t["name"]), float(t.get("rate", 1.0)), float(t.get("weight", 1.0))) for t in v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kw[k] = v
+    r = dataclasses.replace(FULL, **kw)
+    if r.grid <= 0 or r.grid % 16:
+        raise MainJobError(f"--recipe {p}: grid must be a positive multiple of 16, got {r.grid}", EXIT_USAGE)
+    return r
+
+
+def export_bf16(ckpt: Path, dest: Path, info: dict[str, Any]) -> Path:
+    """Write ``ckpt``'s weights in bfloat16 (half the bytes; ``vicl-fast predict`` computes in float32)
+    to ``dest`` atomically, with the demo metadata, e.g. as ``vicl_fast/checkpoints/demo_neuroverse3d.safetensors``."""
+    import torch
+
+    from vicl_fast.checkpoint import load_checkpoint, save_checkpoint
+
+    model = load_checkpoint(ckpt)
+    sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    meta = {k: v for k, v in info.items() if k not in ("source", "path")}
+    meta["dtype"] = "bfloat16"
+    save_checkpoint(sd, dest, model_name="neuroverse3d", config=model.config,
+                    extra_metadata={_META_KEY: json.dumps(meta, default=str)})
+    return dest
 
 
 # ----------------------------------------------------------------------------- utilities
@@ -281,21 +328,24 @@ def training_subjects(recipe: Recipe) -> list:
                                 label_maps={}) for s in subs]
 
 
-def _training_source(recipe: Recipe):
-    from vicl_fast.training.datasets import SubjectSource
+class DemoHeadSource(SubjectSource):
+    """A training pool of given subjects (here icbm152 + warped copies; colin27 stays unseen).
 
-    class DemoHeadSource(SubjectSource):
-        """icbm152 + warped copies only (colin27 stays unseen)."""
+    Module level (not local) so that DataLoader workers started with spawn/forkserver can pickle it.
+    """
 
-        def __init__(self, subjects: Sequence[Any]):
-            self.name = "demo_icbm152"
-            self._subjects = list(subjects)
-            self.names = [s.name for s in self._subjects]
-            self.has_labels, self.has_skull_masks = True, False
+    def __init__(self, subjects: Sequence[Any], name: str = "demo_icbm152"):
+        self.name = name
+        self._subjects = list(subjects)
+        self.names = [s.name for s in self._subjects]
+        self.has_labels = all(s.masks or s.label_maps for s in self._subjects)
+        self.has_skull_masks = False
 
-        def subject(self, i: int):
-            return self._subjects[i]
+    def subject(self, i: int):
+        return self._subjects[i]
 
+
+def _training_source(recipe: Recipe) -> DemoHeadSource:
     return DemoHeadSource(training_subjects(recipe))
 
 
@@ -315,12 +365,14 @@ def _train_config(recipe: Recipe, device: str, out_dir: Path):
             "val_fraction": 0.12,
             "val_episodes": 2,
             "val_context_size": cmax,
-            "num_workers": 0,
+            # Episodes do not depend on the worker count (pure function of seed and step): CPU runs keep
+            # the two cores for the model, GPU runs synthesise data on the host's cores.
+            "num_workers": 0 if device == "cpu" else max(0, min(8, (os.cpu_count() or 1) - 1)),
         },
         "optim": {"lr": recipe.lr, "grad_clip": recipe.grad_clip, "schedule": "cosine",
                   "warmup_steps": recipe.warmup, "min_lr": recipe.lr * 0.05},
         "train": {"steps": s, "batch_size": 1, "seed": recipe.seed, "device": device, "apsp_mode": "scaled",
-                  "val_every": s, "ckpt_every": max(10, s // 4), "log_every": max(1, s // 20), "keep_last": 1,
+                  "val_every": s if s <= 1000 else s // 10, "ckpt_every": max(10, s // 4), "log_every": max(1, s // 20), "keep_last": 1,
                   "out_dir": str(out_dir), "resume": "auto", "progress": False, "tensorboard": False},
     }
     return config_from_dict(raw)
@@ -381,12 +433,13 @@ def _train(recipe: Recipe, device: str, cache_dir: Path, ckpt: Path, key: str, f
         shutil.rmtree(run_dir)
     cfg = _train_config(recipe, device, run_dir)
     threads = torch.get_num_threads()
-    _say(f"  no shipped or cached model: training {recipe.model} on icbm152 + {recipe.train_variants} warped "
+    ch = f" (channels {', '.join(map(str, recipe.channels))})" if recipe.channels else ""
+    _say(f"  no shipped or cached model: training {recipe.model}{ch} on icbm152 + {recipe.train_variants} warped "
          f"copies at {recipe.grid}^3 ({recipe.spacing:.2f} mm), {recipe.steps} steps on {device}"
          + (f" ({threads} threads)" if device == "cpu" else ""))
-    _say(f"  tasks: segmentation of {', '.join(recipe.seg_masks)} (rate 2, weight 50), Gaussian noise "
-         f"(rate 1); context size L in [{recipe.context[0]}, {recipe.context[1]}]; Adam {recipe.lr:g}, "
-         "warm-up + cosine")
+    tasks = ", ".join(f"{n} (rate {r:g}, weight {w:g})" for n, r, w in recipe.tasks)
+    _say(f"  tasks: {tasks}; segmentation of {', '.join(recipe.seg_masks)}; context size L in "
+         f"[{recipe.context[0]}, {recipe.context[1]}]; Adam {recipe.lr:g}, warm-up + cosine")
     t0 = time.perf_counter()
     trainer = Trainer(cfg, sources=[_training_source(recipe)])
     n_par = sum(p.numel() for p in trainer.model.parameters())
@@ -411,7 +464,7 @@ def _train(recipe: Recipe, device: str, cache_dir: Path, ckpt: Path, key: str, f
         result = trainer.fit(max_steps=chunk)
         done = trainer.step - before
         per_step = (time.perf_counter() - t1) / max(1, done)
-        _say(f"  step {trainer.step:4d}/{recipe.steps}  loss {result['loss']:.4f}  "
+        _say(f"  step {trainer.step:4d}/{recipe.steps}  last loss {result['loss']:.4f}  "
              f"elapsed {_fmt_s(time.perf_counter() - t0)}  ETA {_fmt_s(per_step * (recipe.steps - trainer.step))}")
     train_s = time.perf_counter() - t0
     val = {k: v for k, v in (result.get("val") or trainer.last_val or {}).items()
@@ -536,7 +589,8 @@ def _table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool = False,
-        cache_dir: Path | None = None) -> dict[str, Any]:
+        cache_dir: Path | None = None, recipe: Recipe | None = None, export: Path | None = None
+        ) -> dict[str, Any]:
     """The main job (see the module docstring); returns the summary also written to ``summary.json``."""
     import torch
 
@@ -554,7 +608,8 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
         cache = Path(tempfile.mkdtemp(prefix="vicl_fast_cache_"))
         _say(f"warning: {exc}; the model is trained in {cache} and will NOT be reused next time")
     dev = _resolve_device(device)
-    recipe = QUICK if quick else FULL
+    custom = recipe is not None
+    recipe = recipe or (QUICK if quick else FULL)
 
     _say(f"vicl_fast main job{' (--quick)' if quick else ''}: in-context inference on the embedded real MRI")
     _say("  data: TWO real heads only (icbm152 = an average of 152 brains; colin27 = one person); every other "
@@ -564,8 +619,10 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
          "generalisation: this shows the system working end to end.")
     _say(f"  device {dev}; outputs in {out}; model cache {cache}")
     _say("[1/3] model")
-    ckpt, info = train_or_load(recipe, dev, cache, retrain=retrain, allow_shipped=not quick)
+    ckpt, info = train_or_load(recipe, dev, cache, retrain=retrain, allow_shipped=not quick and not custom)
     grid = int(info.get("grid", recipe.grid))
+    if export is not None:
+        _say(f"  exported the weights in bfloat16 to {export_bf16(ckpt, Path(export), info)}")
 
     _say(f"[2/3] predicting {len(DEMO_TASKS)} tasks with `vicl-fast predict` at {grid}^3 "
          f"({FOV_MM / grid:.2f} mm), {N_CONTEXTS} contexts each (seconds per task on a CPU)")
@@ -632,6 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the model again (ignore the shipped and the cached checkpoints)")
     p.add_argument("--cache-dir", default=None,
                    help="model cache (default $VICL_FAST_CACHE or ~/.cache/vicl_fast)")
+    p.add_argument("--recipe", default=None, metavar="YAML",
+                   help="train with this recipe (keys of vicl_fast.main_job.Recipe), e.g. "
+                        "train/configs/demo_gpu.yaml; the shipped checkpoint is then not used")
+    p.add_argument("--export", default=None, metavar="PATH",
+                   help="also write the model's weights in bfloat16 to PATH (e.g. "
+                        "vicl_fast/checkpoints/demo_neuroverse3d.safetensors to ship it)")
     return p
 
 
@@ -642,8 +705,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a usage error (argparse printed it)
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     try:
+        recipe = load_recipe(args.recipe) if args.recipe else None
         run(Path(args.out), quick=args.quick, device=args.device, retrain=args.retrain,
-            cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+            cache_dir=Path(args.cache_dir) if args.cache_dir else None, recipe=recipe,
+            export=Path(args.export) if args.export else None)
     except MainJobError as exc:
         print(f"vicl_fast.main_job: error: {exc}", file=sys.stderr)
         return exc.exit_code
