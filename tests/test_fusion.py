@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from scipy.special import erf
 
-from vicl_fast.ops import fusion
-from vicl_fast.ops.fusion import conv1x1, fusion_block, fusion_block_reference
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"  # set by the user for the whole run
+
+from vicl_fast.ops import fusion  # noqa: E402
+from vicl_fast.ops.fusion import conv1x1, fusion_block, fusion_block_reference  # noqa: E402
 
 
 def _gelu_np(v: np.ndarray) -> np.ndarray:
@@ -112,6 +114,89 @@ def test_import_does_not_import_triton():
     env["CUDA_VISIBLE_DEVICES"] = ""
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- oneDNN (CPU inference)
+
+needs_mkldnn = pytest.mark.skipif(not fusion.mkldnn_fusion_available()[0],
+                                  reason=f"oneDNN fusions unavailable: {fusion.mkldnn_fusion_available()[1]}")
+
+
+def _ref_conv64(x, w, b, padding=0, stride=1):
+    """float64 conv (torch's own float64 kernel: no oneDNN involved)."""
+    conv = F.conv3d if x.dim() == 5 else F.conv2d
+    return conv(x.double(), w.double(), None if b is None else b.double(), stride=stride, padding=padding)
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last_3d if t.dim() == 5 else torch.channels_last)
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("spatial", [(6, 5, 4), (7, 6)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mkldnn_conv_ops_match_float64(spatial, batch):
+    """conv_mkldnn (1x1, 3x3, 4^d stride 2), conv_gelu, conv_add vs float64 convs and SciPy's erf,
+    channels-last in -> channels-last out (also a (1, C, ...) view with an odd batch stride)."""
+    nd = len(spatial)
+    C, Co = 5, 6
+    x = _cl(torch.randn(batch, C, *[2 * s for s in spatial]))
+    w1 = torch.randn(Co, C, *([1] * nd)) / math.sqrt(C)
+    w3 = torch.randn(Co, C, *([3] * nd)) / math.sqrt(27 * C)
+    w3s = torch.randn(Co, Co, *([3] * nd)) / math.sqrt(27 * Co)
+    w4 = torch.randn(Co, C, *([4] * nd)) / math.sqrt(64 * C)
+    b = torch.randn(Co)
+    fmt = torch.channels_last_3d if nd == 3 else torch.channels_last
+    with torch.no_grad():
+        cases = [
+            (fusion.conv_mkldnn(x, w1, b), _ref_conv64(x, w1, b)),
+            (fusion.conv_mkldnn(x, w4, b, 1, 2), _ref_conv64(x, w4, b, 1, 2)),
+            (fusion.conv_gelu(x, w3, b, 1),
+             torch.from_numpy(_gelu_np(_ref_conv64(x, w3, b, 1).numpy()))),
+        ]
+        h = cases[-1][0]
+        cases.append((fusion.conv_add(h, x[:, :1].expand(-1, Co, *x.shape[2:]).contiguous(memory_format=fmt),
+                                      w3s, b, 1),
+                      _ref_conv64(h, w3s, b, 1) + x[:, :1].double()))
+        # a (1, 1, C, ...) channels-last view flattened to (1, C, ...) keeps batch stride C
+        x6 = x[:1].unsqueeze(1)
+        xf = x6.reshape(1, C, *x.shape[2:])
+        cases.append((fusion.conv_mkldnn(xf, w1, b), _ref_conv64(x[:1], w1, b)))
+    for i, (got, want) in enumerate(cases):
+        assert got.dtype == torch.float32
+        assert got.is_contiguous(memory_format=fmt), f"case {i}: channels-last lost"
+        err = (got.double() - want).abs().max().item()
+        assert err <= 2e-5 * max(1.0, want.abs().max().item()), (i, err)
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("spatial, extra_L, layout", [((3, 5, 7), 1, "channels_last"), ((3, 5, 7), "L", "contiguous"),
+                                                      ((5, 6), 1, "contiguous"), ((4, 4, 4), None, "channels_last")])
+def test_mkldnn_fusion_block_matches_reference(monkeypatch, spatial, extra_L, layout):
+    """CPU fp32 without a graph goes through oneDNN (checked with a spy) and equals the float64 reference."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w, b, e = _make_inputs(2, 3, 12, spatial, extra_L, torch.float32, layout=layout)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    e = e.detach() if e is not None else None
+    calls = []
+    orig = fusion._fusion_block_mkldnn
+    monkeypatch.setattr(fusion, "_fusion_block_mkldnn", lambda *a: calls.append(1) or orig(*a))
+    with torch.inference_mode():
+        y = fusion_block(x, w, b, e)
+    assert calls == [1]
+    want = fusion_block_reference(*[t.double() if t is not None else None for t in (x, w, b, e)])
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert (y.double() - want).abs().max().item() <= 2e-5 * want.abs().max().item()
+    if layout == "channels_last":
+        assert y.stride(2) == 1, "channels-last kept"
+    # with a graph, or when disabled: the plain reference
+    with torch.no_grad():
+        monkeypatch.setenv("VICL_FAST_DISABLE_MKLDNN", "1")
+        y2 = fusion_block(x, w, b, e)
+    assert calls == [1]
+    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
+    fusion_block(x, w.requires_grad_(), b, e)
+    assert calls == [1]
 
 
 # --------------------------------------------------------------------------- Triton kernel checks
@@ -296,6 +381,12 @@ class TestTritonInterpreter:
         monkeypatch.setenv("VICL_FAST_DISABLE_TRITON", "1")
         fusion_block(x, w, b, e)
         assert calls == [1]
+
+
+def test_triton_interpret_not_leaked():
+    """The interpreter class restores the environment: later tests (and files) see the GPU dispatch rules."""
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1" or _INTERPRET_AT_IMPORT
+    assert not fusion._use_triton(torch.randn(1, 1, 4, 2, 2)) or _INTERPRET_AT_IMPORT
 
 
 # --------------------------------------------------------------------------- GPU (realistic sizes)

@@ -10,7 +10,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vicl_fast.models import create_model
+from vicl_fast.models import neuroverse3d as nv3d
 from vicl_fast.models.neuroverse3d import Neuroverse3D
+from vicl_fast.ops import fusion
 
 
 def _fixture_dir() -> Path:
@@ -83,6 +85,40 @@ def test_inference_inplace_and_channels_last_match_graph_path():
     torch.testing.assert_close(y_ng, ref, rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(y_inf, ref, rtol=1e-11, atol=1e-12)
     assert not torch.equal(ref, torch.zeros_like(ref))
+
+
+@pytest.mark.skipif(not fusion.mkldnn_fusion_available()[0], reason="oneDNN fusions unavailable")
+@pytest.mark.parametrize("spatial_dims,S", [(3, (8, 16, 8)), (2, (16, 12))])
+def test_cpu_fp32_inference_fused_path(monkeypatch, spatial_dims, S):
+    """CPU fp32 predict runs the oneDNN fusions (spied), keeps channels-last and equals the
+    float64 reference path; VICL_FAST_DISABLE_MKLDNN=1 switches them off."""
+    m64 = _tiny(channels=(4, 8, 16), spatial_dims=spatial_dims)
+    m32 = _tiny(torch.float32, channels=(4, 8, 16), spatial_dims=spatial_dims)
+    m32.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
+    t, ci, co = _inputs(B=2, L=3, S=S)
+    ref = m64.predict(t, ci, co, fast=False)
+    calls = {"gelu": 0, "add": 0, "layout_lost": 0}
+    fmt = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+    def spy(name, fn):
+        def wrapped(x, *a):
+            calls[name] += 1
+            calls["layout_lost"] += x.shape[1] > 1 and not x.is_contiguous(memory_format=fmt)
+            return fn(x, *a)
+        return wrapped
+
+    monkeypatch.setattr(nv3d, "conv_gelu", spy("gelu", nv3d.conv_gelu))
+    monkeypatch.setattr(nv3d, "conv_add", spy("add", nv3d.conv_add))
+    ys = [m32.predict(t.float(), ci.float(), co.float(), l) for l in (1, 2)]
+    assert calls["gelu"] > 0 and calls["add"] > 0 and calls["layout_lost"] == 0, calls
+    for y in ys:
+        assert y.dtype == torch.float32
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    n = dict(calls)
+    monkeypatch.setenv("VICL_FAST_DISABLE_MKLDNN", "1")
+    y_off = m32.predict(t.float(), ci.float(), co.float(), 2)
+    assert calls == n
+    torch.testing.assert_close(y_off, ys[1], rtol=1e-5, atol=1e-6)
 
 
 def test_l_positional_keyword_and_auto():
@@ -174,7 +210,7 @@ def test_conv_macs_formula_matches_flop_counter():
     assert fast["total"] < ref["total"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # inductor's C++ compile: ~15 s warm, ~60 s with a cold cache on 2 shared cores
 def test_compile_parts_matches_eager():
     m = _tiny(torch.float32, channels=(4, 8, 16))
     t, ci, co = _inputs(L=3, dtype=torch.float32)
@@ -183,6 +219,27 @@ def test_compile_parts_matches_eager():
     y = m.predict(t, ci, co, 2)
     m.uncompile_parts()
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_parts_traces_without_graph_breaks():
+    """Dynamo + AOTAutograd (no code generation, fast) trace every part in one graph
+    (inference; training recompiles the same code with grad); the oneDNN eager
+    fusions are skipped while compiling."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    m = _tiny(torch.float32, channels=(4, 8, 16))
+    t, ci, co = _inputs(L=3, S=(8, 8, 8), dtype=torch.float32)
+    ref = m.predict(t, ci, co, 2)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    m.compile_parts(backend=counter, fullgraph=True)
+    try:
+        y = m.predict(t, ci, co, 2)
+    finally:
+        m.uncompile_parts()
+        torch._dynamo.reset()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count >= 4  # encode_target, target_context, _context_branch, decode
 
 
 @pytest.mark.gpu

@@ -133,9 +133,11 @@ def mkldnn_fusion_available() -> tuple[bool, str]:
 
 
 def use_mkldnn_fusion(x: torch.Tensor) -> bool:
-    """Whether the oneDNN post-op fusions apply to ``x``: CPU, float32, no graph, no autocast."""
+    """Whether the oneDNN post-op fusions apply to ``x``: CPU, float32, no graph, no autocast,
+    not inside ``torch.compile`` (inductor fuses on its own, and these ops' fake kernels
+    mispredict channels-last output strides)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and os.environ.get("VICL_FAST_DISABLE_MKLDNN", "0") != "1"
             and mkldnn_fusion_available()[0])
 
