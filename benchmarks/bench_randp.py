@@ -86,7 +86,9 @@ class _Peak:
     tensor bytes allocated during the call, replayed from the allocation /
     free events of ``torch.profiler`` (``profile_memory=True``). Library
     caches (oneDNN scratchpads, glibc arenas) are not tensors and are not
-    counted, as on the GPU.
+    counted, as on the GPU. Frees of blocks allocated before the call (the
+    previous step's gradients, freed by ``zero_grad``) are not in the events;
+    that is why the resident part excludes gradients.
     """
 
     def __init__(self, resident: int) -> None:
@@ -166,12 +168,13 @@ def _train_step_fn(name: str, model: torch.nn.Module, x: list[torch.Tensor], aut
 
 
 def _state_bytes(model: torch.nn.Module, opt=None) -> int:
+    """Weights, buffers and optimizer state. Not the gradients: each step frees them first
+    (``zero_grad(set_to_none=True)``) and allocates them again, so they are part of the step's peak."""
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     n += sum(b.numel() * b.element_size() for b in model.buffers())
     if opt is not None:
         for st in opt.state.values():
             n += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
-        n += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     return n
 
 
