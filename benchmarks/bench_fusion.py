@@ -19,7 +19,8 @@ Runs:
 
 GPU cases time with ``triton.testing.do_bench`` (median, CUDA events) and report
 achieved GB/s of the fused kernel = (bytes it must move) / time, against the
-H100's ~3.35 TB/s. Without CUDA only a tiny CPU reference case runs.
+H100's ~3.35 TB/s. Without CUDA: a tiny CPU reference case and the three
+forms at stage 0 of a 64^3 input (the CPU ``fused`` form is the oneDNN path).
 """
 from __future__ import annotations
 
@@ -103,6 +104,18 @@ def test_cpu_reference_tiny(benchmark):
     y = benchmark(fusion_block_reference, x, w_full[:, :C], bias, extra)
     assert y.shape == x.shape
     benchmark.extra_info.update(C=32, side=16, L=2, dtype="float32")
+
+
+@pytest.mark.parametrize("form", ["authors", "reference", "fused"])
+def test_cpu_stage0_64(benchmark, form):
+    """One T2C fusion at stage 0 of a 64^3 input (C=32, L=2, fp32, inference, 1 thread):
+    on the CPU ``fused`` is the oneDNN 1x1 conv with a fused add + in-place GELU."""
+    torch.set_num_threads(1)
+    fn = forms(*make_case(32, 64, 2, torch.float32, "cpu"))[form]
+    with torch.inference_mode():
+        fn()
+        benchmark.pedantic(fn, rounds=7, warmup_rounds=1, iterations=1)
+    benchmark.extra_info.update(C=32, side=64, L=2, dtype="float32", threads=1)
 
 
 # --------------------------------------------------------------------------- GPU

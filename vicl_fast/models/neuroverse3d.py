@@ -36,6 +36,10 @@ Two computation paths (``fast`` flag, same parameters, same maths):
   (tri)linear upsample (a 1x1 conv and its bias commute with it: interpolation
   weights sum to one), which saves 7/8 of those MACs and the high-resolution
   concat; in-place GELU/add when no graph is recorded; optional channels-last.
+  CPU float32 inference additionally runs every conv through oneDNN with its
+  post-ops fused (conv+GELU, conv+residual add, the fusion blocks' 1x1 conv +
+  add) on channels-last activations (:mod:`vicl_fast.ops.fusion`); measured
+  1.6x faster than the reference path at 64^3 (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
