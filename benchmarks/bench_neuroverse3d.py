@@ -2,7 +2,8 @@
 
 Runs:
     pytest benchmarks/bench_neuroverse3d.py --benchmark-only              # CPU subset (+ GPU grid with CUDA)
-    pytest benchmarks/bench_neuroverse3d.py --benchmark-only --bench-full # + big cells (L >= 16, CPU memory scaling)
+    pytest benchmarks/bench_neuroverse3d.py --benchmark-only --bench-full
+        # + big cells (L >= 16, CPU memory scaling)
 
 Grids (default model: channels 32..512, random weights, batch 1):
 
@@ -185,7 +186,8 @@ def test_gpu_train_exact_memory_128(benchmark, record_per_item, L):
     run()
     peak = torch.cuda.max_memory_allocated() - base
     benchmark.pedantic(run, rounds=1, iterations=1)
-    _record(benchmark, record_per_item, "Neuroverse3D 128^3 bf16 exact training step (GPU)", f"L={L} l=1", "fast",
+    _record(benchmark, record_per_item, "Neuroverse3D 128^3 bf16 exact training step (GPU)",
+            f"L={L} l=1", "fast",
             benchmark.stats.stats.median, peak, 2 * 3 * m.conv_macs((GPU_SIDE,) * 3, L)["total"])
 
 

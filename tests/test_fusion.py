@@ -170,8 +170,9 @@ def test_mkldnn_conv_ops_match_float64(spatial, batch):
 
 
 @needs_mkldnn
-@pytest.mark.parametrize("spatial, extra_L, layout", [((3, 5, 7), 1, "channels_last"), ((3, 5, 7), "L", "contiguous"),
-                                                      ((5, 6), 1, "contiguous"), ((4, 4, 4), None, "channels_last")])
+@pytest.mark.parametrize("spatial, extra_L, layout", [
+    ((3, 5, 7), 1, "channels_last"), ((3, 5, 7), "L", "contiguous"),
+    ((5, 6), 1, "contiguous"), ((4, 4, 4), None, "channels_last")])
 def test_mkldnn_fusion_block_matches_reference(monkeypatch, spatial, extra_L, layout):
     """CPU fp32 without a graph goes through oneDNN (checked with a spy) and equals the float64 reference."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -55,7 +55,8 @@ def mini_context_chunks(L: int, l: int) -> list[tuple[int, int]]:
 
 def chunk_order(n: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
                 order: Sequence[int] | None = None) -> list[int]:
-    """Processing order of the n mini-contexts: ``order`` if given, a random one if ``shuffle``, else 0..n-1."""
+    """Processing order of the n mini-contexts: ``order`` if given, a random one if ``shuffle``,
+    else 0..n-1."""
     if order is not None:
         order = [int(i) for i in order]
         if sorted(order) != list(range(n)):
@@ -373,7 +374,8 @@ def context_means(model, tctx: Sequence[torch.Tensor], context_in: torch.Tensor,
         return [s / L for s in sums] if grad else [s.div_(L) for s in sums]
     if mode == "scaled":
         with torch.no_grad():
-            sums = _accumulate(model, ContextStream(context_in, context_out, chunks[:-1], device, dtype), tctx, fast)
+            stream = ContextStream(context_in, context_out, chunks[:-1], device, dtype)
+            sums = _accumulate(model, stream, tctx, fast)
         ci, co, _ = next(iter(ContextStream(context_in, context_out, chunks[-1:], device, dtype)))
         feats = model._context_branch(ci, co, tctx, fast)
         return [(s + _ScaleGrad.apply(_sum_contexts(f), float(n))) / L for s, f in zip(sums, feats)]

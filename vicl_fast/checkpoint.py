@@ -78,7 +78,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_state_dict_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | os.PathLike,
+                         device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file."""
     return load_file(os.fspath(path), device=str(device))
 

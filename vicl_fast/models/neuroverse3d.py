@@ -307,7 +307,8 @@ class Neuroverse3D(nn.Module):
         s = self._conv1x1(skip, w[:, cin:], None)
         return y.add_(s) if not torch.is_grad_enabled() else y + s
 
-    def _fuse_t2c(self, conv: nn.Module, c: torch.Tensor, t: torch.Tensor, B: int, fast: bool) -> torch.Tensor:
+    def _fuse_t2c(self, conv: nn.Module, c: torch.Tensor, t: torch.Tensor, B: int,
+                  fast: bool) -> torch.Tensor:
         """Target-to-Context fusion ``GELU(c + Conv1x1(concat[c, t]))``.
 
         c: (B*L, C, *S). t: reference path (B, C, *S) target feature; fast path
@@ -352,7 +353,8 @@ class Neuroverse3D(nn.Module):
         feats.append(t)
         return feats
 
-    def target_context(self, tfeats: Sequence[torch.Tensor], *, fast: bool | None = None) -> list[torch.Tensor]:
+    def target_context(self, tfeats: Sequence[torch.Tensor], *,
+                       fast: bool | None = None) -> list[torch.Tensor]:
         """What the context branch consumes from the target, once per forward.
 
         Fast path: ``W_t s_k`` (B, 1, C_k, *S_k), the target half of each
@@ -466,8 +468,9 @@ class Neuroverse3D(nn.Module):
         if context_in.shape[1] == 0:
             raise ValueError("zero contexts: context_in has L=0; pass at least one (image, label) pair")
         if context_in.shape[:2] != context_out.shape[:2] or context_in.shape[3:] != context_out.shape[3:]:
-            raise ValueError(f"context images and labels differ in shape: context_in {tuple(context_in.shape)} "
-                             f"vs context_out {tuple(context_out.shape)} (need the same B, L and spatial size)")
+            raise ValueError(f"context images and labels differ in shape: context_in "
+                             f"{tuple(context_in.shape)} vs context_out {tuple(context_out.shape)} "
+                             f"(need the same B, L and spatial size)")
         if context_in.shape[0] != target_in.shape[0]:
             raise ValueError(f"batch sizes differ: target_in B={target_in.shape[0]}, "
                              f"context_in B={context_in.shape[0]}")
@@ -481,7 +484,8 @@ class Neuroverse3D(nn.Module):
             raise ValueError(f"spatial size {tuple(target_in.shape[2:])} is not divisible by "
                              f"2^(stages-1) = {m}; pad or resize to e.g. {fix}")
         if self.check_finite:
-            for name, x in (("target_in", target_in), ("context_in", context_in), ("context_out", context_out)):
+            named = (("target_in", target_in), ("context_in", context_in), ("context_out", context_out))
+            for name, x in named:
                 if x.is_floating_point() and not _all_finite(x, per_context=name != "target_in"):
                     raise ValueError(f"{name} contains NaN or Inf values; clean the input (or set "
                                      f"model.check_finite = False to skip this check)")
@@ -541,7 +545,8 @@ class Neuroverse3D(nn.Module):
         return self
 
     # ------------------------------------------------------------- accounting
-    def conv_macs(self, spatial: Sequence[int], contexts: int = 1, *, fast: bool | None = None) -> dict[str, int]:
+    def conv_macs(self, spatial: Sequence[int], contexts: int = 1, *,
+                  fast: bool | None = None) -> dict[str, int]:
         """Multiply-accumulates of every conv for one sample (batch 1), analytically.
 
         Args:

@@ -108,14 +108,16 @@ def _mismatch_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], lim
         if k not in sd:
             problems.append(f"missing key {k} (expected shape {tuple(own[k].shape)})")
         elif tuple(sd[k].shape) != tuple(own[k].shape):
-            problems.append(f"shape mismatch {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}")
+            problems.append(f"shape mismatch {k}: checkpoint {tuple(sd[k].shape)} "
+                            f"vs model {tuple(own[k].shape)}")
     for k in sd:
         if k not in own:
             problems.append(f"unexpected key {k} (shape {tuple(sd[k].shape)})")
     return problems
 
 
-def load_official_neuroverse3d(checkpoint: str | os.PathLike | Mapping[str, Any], map_location: Any = "cpu", *,
+def load_official_neuroverse3d(checkpoint: str | os.PathLike | Mapping[str, Any],
+                               map_location: Any = "cpu", *,
                                trust_checkpoint: bool = False, **model_kwargs) -> Neuroverse3D:
     """Build a :class:`Neuroverse3D` holding the authors' weights.
 
@@ -144,7 +146,10 @@ def load_official_neuroverse3d(checkpoint: str | os.PathLike | Mapping[str, Any]
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         sd_raw = obj["state_dict"]
         hp = obj.get("hyper_parameters") or obj.get("hparams")
-        hparams = hp if isinstance(hp, Mapping) else (vars(hp) if hp is not None and hasattr(hp, "__dict__") else None)
+        if isinstance(hp, Mapping):
+            hparams = hp
+        elif hp is not None and hasattr(hp, "__dict__"):  # e.g. argparse.Namespace
+            hparams = vars(hp)
         if obj.get("inner_channels") is not None:
             cfg["channels"] = [int(c) for c in obj["inner_channels"]]
     else:

@@ -172,8 +172,8 @@ def conv_add(x: torch.Tensor, other: torch.Tensor, weight: torch.Tensor, bias: t
     x: (N, C_in, *S), other: (N, C_out, *S) (same shape as the output). Returns a new tensor.
     """
     _, binary = _pointwise_ops()
-    return binary(_unit_batch_stride(x), _unit_batch_stride(other), weight, bias, *_conv_args(weight, padding),
-                  1, "add", 1.0, None, [], None)
+    return binary(_unit_batch_stride(x), _unit_batch_stride(other), weight, bias,
+                  *_conv_args(weight, padding), 1, "add", 1.0, None, [], None)
 
 
 def _unit_batch_stride(t: torch.Tensor) -> torch.Tensor:
