@@ -119,6 +119,20 @@ def test_inference_invariant_to_l_and_order():
     assert torch.equal(m.predict(t, ci, co, 2), m.predict(t, ci, co, 2))
 
 
+def test_integer_labels_and_float32_contexts_streamed_to_model_dtype():
+    """Contexts in another dtype than the model (uint8 / bool labels, float32 images for a
+    float64 model) are converted per mini-context by the stream: same output as converted inputs."""
+    torch.manual_seed(0)
+    m = Neuroverse3D(channels=(3, 5, 7)).double()
+    g = torch.Generator().manual_seed(2)
+    t = torch.rand(1, 1, 8, 8, 8, generator=g, dtype=torch.float64)
+    ci = torch.rand(1, 3, 1, 8, 8, 8, generator=g)
+    co = torch.rand(1, 3, 1, 8, 8, 8, generator=g) > 0.5
+    ref = m.predict(t, ci.double(), co.double(), 1)
+    for labels in (co, co.to(torch.uint8)):
+        torch.testing.assert_close(m.predict(t, ci, labels, 2), ref, rtol=1e-12, atol=1e-13)
+
+
 def test_chunks_order_and_auto(monkeypatch):
     assert apsp.mini_context_chunks(7, 3) == [(0, 3), (3, 6), (6, 7)]
     assert apsp.mini_context_chunks(2, 8) == [(0, 2)]
