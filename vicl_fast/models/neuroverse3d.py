@@ -127,9 +127,9 @@ def _all_finite(x: torch.Tensor, per_context: bool) -> bool:
     """Whether x has no NaN/Inf; (B, L, ...) inputs checked one context at a time.
 
     ``torch.isfinite(x).all()`` makes ~5 bytes of temporaries per element: for
-    a whole context set (L=64 at 128^3: 0.8 GB) that was the step's memory peak
-    and grew with L. One context at a time keeps it O(1) in L; the flags are
-    combined on x's device, so a GPU syncs once.
+    a whole context set (L=64 at 128^3: ~0.7 GB) that grows with L and was the
+    peak of CPU inference in the 24^3 memory test. One context at a time keeps
+    it O(1) in L; the flags are combined on x's device, so a GPU syncs once.
     """
     if not per_context or x.dim() < 2 or x.shape[1] <= 1:
         return bool(torch.isfinite(x).all())
