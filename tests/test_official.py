@@ -129,3 +129,18 @@ def test_safetensors_checkpoint_round_trip_and_atomic(fx, tmp_path, monkeypatch)
     ckpt.save_checkpoint(m.state_dict(), tmp_path / "weights.safetensors")
     with pytest.raises(ValueError, match="weights only"):
         ckpt.load_checkpoint(tmp_path / "weights.safetensors")
+
+
+def test_saved_checkpoint_is_readable_by_others(tmp_path):
+    """mkstemp makes 0600 files; an exported checkpoint must follow the umask like any other file."""
+    import os
+
+    from vicl_fast.checkpoint import save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "w.safetensors"
+        save_checkpoint({"w": torch.zeros(2)}, path)
+        assert os.stat(path).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
