@@ -263,7 +263,8 @@ class TestTritonInterpreter:
     """Kernel vs reference through triton's CPU interpreter (tiny sizes: it is slow)."""
 
     @pytest.fixture(scope="class")
-    def triton_interp(self):
+    @classmethod
+    def triton_interp(cls):
         """Set TRITON_INTERPRET=1 for this class only; poison kernel outputs with NaN."""
         mp = pytest.MonkeyPatch()
         mp.setenv("TRITON_INTERPRET", "1")  # before triton's first import, where possible
