@@ -223,3 +223,15 @@ def test_training_steps_reduce_loss(backbone):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_swinunetr_refuses_images_whose_deepest_stage_is_1x1():
+    """32x32 is a multiple of SwinUNETR's 32 but its stride-32 stage is 1x1 (instance norm fails in training)."""
+    from vicl_fast.models import create_model
+
+    model = create_model("randp_swinunetr_tiny")
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="at least 64x64"):
+        model(x, x, x)
+    x = torch.rand(1, 3, 64, 64)
+    assert model(x, x, x).shape == (1, 3, 64, 64)

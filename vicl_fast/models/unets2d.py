@@ -108,6 +108,8 @@ class SwinUNETR2D(nn.Module):
     """
 
     size_multiple = 32
+    # The stride-32 stage must be > 1x1: MONAI's instance norm refuses one value per channel in training.
+    min_size = 64
 
     def __init__(self, in_chans: int = 3, out_chans: int = 3, feature_size: int = 48,
                  depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
@@ -527,6 +529,16 @@ class RandPUNet(VICL2DModel):
         B, N, D = tokens.shape
         # "B (h w) D -> B D h w"
         return tokens.transpose(1, 2).reshape(B, D, h, w)
+
+    def check_inputs(self, prompt_image, prompt_label, query_image) -> tuple[int, int, int]:
+        """The shared checks, plus the backbone's smallest image size; returns (B, H, W)."""
+        B, H, W = super().check_inputs(prompt_image, prompt_label, query_image)
+        min_size = getattr(self.backbone, "min_size", 0)
+        if min(H, W) < min_size:
+            raise ValueError(f"randp_{self.backbone_name} needs images of at least {min_size}x{min_size} "
+                             f"(its deepest stage would be 1x1), got {H}x{W}; resize the inputs or use "
+                             f"randp_uxnet / randp_restormer for smaller images")
+        return B, H, W
 
     def forward_with_logits(self, prompt_image: torch.Tensor, prompt_label: torch.Tensor,
                             query_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
