@@ -216,9 +216,12 @@ def _result(proc: subprocess.Popen) -> int:
 def test_peak_memory_independent_of_context_size():
     jobs = [("train", "exact:2:1"), ("train", "exact:32:1"), ("infer", "exact:2:1"),
             ("infer", "exact:32:1"), ("train", "full:8:1")]
+    # Inference at 24^3 peaks at only ~1.5 MB above the resident state, where page/allocator
+    # noise (+-0.15 MB) alone can exceed 15%; at 48^3 (~14 MB, still ~1 s) the ratio is signal.
+    size = {"train": 24, "infer": 48}
     res = {}
     for i in range(0, len(jobs), 2):  # two at a time (the tests run on 2 cores)
-        procs = {job: _peak_excess(*job) for job in jobs[i:i + 2]}
+        procs = {job: _peak_excess(*job, S=size[job[0]]) for job in jobs[i:i + 2]}
         res.update({job: _result(p) for job, p in procs.items()})
     train2, train32 = res["train", "exact:2:1"], res["train", "exact:32:1"]
     inf2, inf32 = res["infer", "exact:2:1"], res["infer", "exact:32:1"]
