@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,12 +24,23 @@ def pytest_addoption(parser):
                      help="also run the benchmarks marked slow (the largest cells)")
 
 
+_HERE = Path(__file__).resolve().parent
+
+
 def pytest_collection_modifyitems(config, items):
     full = config.getoption("--bench-full") or os.environ.get("VICL_FAST_RUNSLOW", "0") == "1"
     has_cuda = torch.cuda.is_available()
+    # A plain `pytest` (testpaths = tests + benchmarks) must not spend an hour timing models:
+    # benchmarks run with --benchmark-only (make bench), or as smoke tests with --benchmark-disable.
+    timing = config.getoption("benchmark_only", False) or config.getoption("benchmark_disable", False)
+    skip_untimed = pytest.mark.skip(reason="a benchmark: run with --benchmark-only (make bench)")
     skip_slow = pytest.mark.skip(reason="large cell: use --bench-full or VICL_FAST_RUNSLOW=1")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
+        if _HERE not in Path(str(item.fspath)).resolve().parents:
+            continue  # this hook sees every item of the session; tests/ has its own rules
+        if not timing:
+            item.add_marker(skip_untimed)
         if "slow" in item.keywords and not full:
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not has_cuda:
