@@ -113,6 +113,16 @@ def _record(benchmark, record_per_item, table, row, col, seconds, peak, flops):
     record_per_item(benchmark, table, row, col, 1)
 
 
+def _cuda_peak_after_warmup(run) -> int:
+    """Bytes allocated above the resident state during one call of ``run``, after a warm-up
+    call (cuDNN algorithm choice, allocator growth)."""
+    run()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def _cases(Ls, ls):
     return [(L, l) for L in Ls for l in ls if l <= L]
 
@@ -134,11 +144,7 @@ def test_gpu_inference_128(benchmark, record_per_item, L, l, dtype, path):
             m.predict(t, ci, co, l, fast=fast)
         torch.cuda.synchronize()
 
-    run()  # warm-up (cuDNN algorithm choice, allocator)
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = _cuda_peak_after_warmup(run)
     benchmark.pedantic(run, rounds=3, iterations=1)
     flops = 2 * m.conv_macs((GPU_SIDE,) * 3, L, fast=fast)["total"]
     _record(benchmark, record_per_item, f"Neuroverse3D 128^3 {dtype} (GPU)", f"L={L} l={l}", path,
@@ -156,11 +162,7 @@ def test_gpu_streamed_contexts_128(benchmark, record_per_item):
             m.predict(t, ci, co, 1)
         torch.cuda.synchronize()
 
-    run()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = _cuda_peak_after_warmup(run)
     benchmark.pedantic(run, rounds=3, iterations=1)
     _record(benchmark, record_per_item, "Neuroverse3D 128^3 bf16 (GPU)", "L=8 l=1 contexts on CPU", "fast",
             benchmark.stats.stats.median, peak, 2 * m.conv_macs((GPU_SIDE,) * 3, 8)["total"])
@@ -180,11 +182,7 @@ def test_gpu_train_exact_memory_128(benchmark, record_per_item, L):
         y.float().square().mean().backward()
         torch.cuda.synchronize()
 
-    run()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = _cuda_peak_after_warmup(run)
     benchmark.pedantic(run, rounds=1, iterations=1)
     _record(benchmark, record_per_item, "Neuroverse3D 128^3 bf16 exact training step (GPU)",
             f"L={L} l=1", "fast",

@@ -240,14 +240,17 @@ def _check_writable(folder: Path, what: str, flag: str) -> None:
 
 
 def _resolve_device(name: str) -> str:
-    import torch
+    """``vicl-fast predict``'s device rules (the job runs through it), as MainJobError."""
+    from vicl_fast.cli import _resolve_device as resolve_cli_device
+    from vicl_fast.cli import _UsageError
+    from vicl_fast.data.io import DeviceError
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MainJobError(f"--device cuda: CUDA is not available (torch {torch.__version__}, CUDA build "
-                           f"{torch.version.cuda}); use --device cpu or auto", EXIT_DEVICE)
-    return name
+    try:
+        return resolve_cli_device(name)
+    except DeviceError as exc:
+        raise MainJobError(str(exc), EXIT_DEVICE) from None
+    except _UsageError as exc:
+        raise MainJobError(str(exc), EXIT_USAGE) from None
 
 
 def _rss_bytes() -> int | None:

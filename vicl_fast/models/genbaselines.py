@@ -222,7 +222,24 @@ def unpatchify(x: torch.Tensor, h: int, w: int, p: int, c: int) -> torch.Tensor:
     return x.reshape(B, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, h * p, w * p)
 
 
-class PromptGIPViT(VICL2DModel):
+class _PatchMAEModel(VICL2DModel):
+    """What PromptGIP- and MAE-VQGAN-style models share: patch embedding + MAE encoder-decoder
+    whose decoder predicts ``out_dim`` values per patch (pixels or VQGAN code logits)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, out_chans: int, embed_dim: int,
+                 depth: int, num_heads: int, decoder_dim: int, decoder_depth: int, decoder_heads: int,
+                 out_dim: int, mlp_ratio: float, encoder_mask_tokens: bool, fused_attn: bool) -> None:
+        super().__init__()
+        self.in_chans, self.out_chans, self.size_divisor = in_chans, out_chans, patch_size
+        self.img_size, self.patch_size = img_size, patch_size
+        self.embed_dim, self.decoder_dim = embed_dim, decoder_dim
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        init_vit_weights(self.patch_embed)
+        self.mae = MAEEncoderDecoder(embed_dim, depth, num_heads, decoder_dim, decoder_depth, decoder_heads,
+                                     out_dim, mlp_ratio, encoder_mask_tokens, fused_attn)
+
+
+class PromptGIPViT(_PatchMAEModel):
     """PromptGIP-style vICL model (see the module docstring).
 
     Args:
@@ -239,14 +256,9 @@ class PromptGIPViT(VICL2DModel):
                  embed_dim: int = 1024, depth: int = 24, num_heads: int = 16, decoder_dim: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16, mlp_ratio: float = 4.0, head_dim: int = 64,
                  encoder_mask_tokens: bool = False, num_tasks: int = 0, fused_attn: bool = True) -> None:
-        super().__init__()
-        self.in_chans, self.out_chans, self.size_divisor = in_chans, out_chans, patch_size
-        self.img_size, self.patch_size = img_size, patch_size
-        self.embed_dim, self.decoder_dim = embed_dim, decoder_dim
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        init_vit_weights(self.patch_embed)
-        self.mae = MAEEncoderDecoder(embed_dim, depth, num_heads, decoder_dim, decoder_depth, decoder_heads,
-                                     patch_size * patch_size * out_chans, mlp_ratio, encoder_mask_tokens, fused_attn)
+        super().__init__(img_size, patch_size, in_chans, out_chans, embed_dim, depth, num_heads, decoder_dim,
+                         decoder_depth, decoder_heads, patch_size * patch_size * out_chans, mlp_ratio,
+                         encoder_mask_tokens, fused_attn)
         self.head = PromptGIPHead(out_chans, out_chans, head_dim)
         self.task_head = TaskHead(embed_dim, num_tasks) if num_tasks > 0 else None
         self._pos_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -364,7 +376,7 @@ class VQGANStandIn(nn.Module):
         return self.decode_embeddings(self.codebook(codes), h, w)
 
 
-class MAEVQGANViT(VICL2DModel):
+class MAEVQGANViT(_PatchMAEModel):
     """MAE-VQGAN-style vICL model on the 2x2 canvas (see the module docstring).
 
     Args:
@@ -387,19 +399,13 @@ class MAEVQGANViT(VICL2DModel):
                  decoder_depth: int = 8, decoder_heads: int = 16, mlp_ratio: float = 4.0, num_codes: int = 1024,
                  code_dim: int = 256, vqgan_widths: tuple[int, int, int, int] = (32, 64, 128, 32),
                  encoder_mask_tokens: bool = False, num_tasks: int = 0, fused_attn: bool = True) -> None:
-        super().__init__()
         if patch_size != 16:
             raise ValueError(f"MAE-VQGAN pairs one ViT patch with one VQGAN f16 code: patch_size must be 16, "
                              f"got {patch_size}")
         if out_chans != in_chans:
             raise ValueError("the VQGAN decodes images with the input's channels: out_chans must equal in_chans")
-        self.in_chans, self.out_chans, self.size_divisor = in_chans, out_chans, patch_size
-        self.img_size, self.patch_size = img_size, patch_size
-        self.embed_dim, self.decoder_dim = embed_dim, decoder_dim
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        init_vit_weights(self.patch_embed)
-        self.mae = MAEEncoderDecoder(embed_dim, depth, num_heads, decoder_dim, decoder_depth, decoder_heads,
-                                     num_codes, mlp_ratio, encoder_mask_tokens, fused_attn)
+        super().__init__(img_size, patch_size, in_chans, out_chans, embed_dim, depth, num_heads, decoder_dim,
+                         decoder_depth, decoder_heads, num_codes, mlp_ratio, encoder_mask_tokens, fused_attn)
         self.vqgan = VQGANStandIn(in_chans, num_codes, code_dim, vqgan_widths)
         self.task_head = TaskHead(embed_dim, num_tasks) if num_tasks > 0 else None
         self.last_code_logits: torch.Tensor | None = None

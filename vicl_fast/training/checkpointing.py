@@ -198,18 +198,29 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, model: torch.nn
             fh.flush()
             os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            old = root / f".tmp-old-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
+        _replace_dir(tmp, final)  # re-saving the same step (e.g. after a resume) replaces it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``final``, replacing an existing ``final``.
+
+    A directory rename cannot overwrite a non-empty directory, so the old one is
+    first renamed aside (a kill in between leaves a complete ``tmp`` and the old
+    one, never a half-written ``final``), then deleted.
+    """
+    old = None
+    if final.exists():
+        old = final.parent / f".tmp-old-{final.name}-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(final.parent)
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -250,15 +261,7 @@ def update_best(root: str | os.PathLike, ckpt: Path) -> Path:
         except OSError:
             shutil.copy2(f, tmp / f.name)
     _fsync_dir(tmp)
-    if best.exists():
-        old = root / f".tmp-oldbest-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(best, old)
-        os.rename(tmp, best)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, best)
-    _fsync_dir(root)
+    _replace_dir(tmp, best)
     return best
 
 
