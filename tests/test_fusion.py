@@ -291,8 +291,11 @@ class TestTritonInterpreter:
             pytest.skip(f"the Triton CPU interpreter cannot run the kernel here: {type(e).__name__}: {e}")
         yield fc
         mp.undo()
-        if reloaded:
+        if not _INTERPRET_AT_IMPORT:
+            # Always re-make the kernel compiled: whether the module was first imported here (then its
+            # @triton.jit is interpreted) or earlier for a GPU, later tests must see the GPU kernel.
             importlib.reload(fc)
+        _assert_kernel_compiled()
 
     @pytest.mark.parametrize("C", [4, 8, 16])
     @pytest.mark.parametrize("spatial", [(3, 5, 7), (5, 6)])
@@ -391,6 +394,44 @@ def test_triton_interpret_not_leaked():
     assert not fusion._use_triton(torch.randn(1, 1, 4, 2, 2)) or _INTERPRET_AT_IMPORT
 
 
+def _assert_kernel_compiled() -> None:
+    """The imported kernel is a compiled @triton.jit, not the CPU interpreter's stand-in (unless the
+    user set TRITON_INTERPRET=1 for the whole run)."""
+    import sys as _sys
+
+    fc = _sys.modules.get("vicl_fast.kernels.fusion_conv")
+    if fc is None or _INTERPRET_AT_IMPORT:
+        return
+    kind = type(fc._fusion_block_forward_kernel).__name__
+    assert kind != "InterpretedFunction", "fusion_conv left interpreted: GPU tests would run the interpreter"
+
+
+def test_prune_and_size_bucket(monkeypatch):
+    """Autotune configs: too-wide tiles and configs over the shared-memory limit of the dtype are
+    pruned (fp32 needs twice bf16's bytes); the volume size bucket steps every 8x in voxels."""
+    pytest.importorskip("triton")
+    fc = importlib.import_module("vicl_fast.kernels.fusion_conv")
+    import triton
+
+    configs = [triton.Config(dict(BLOCK_P=p, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+               for p, n, k, w, s in fc._GPU_CONFIGS]
+    monkeypatch.setattr(fc, "_SMEM_FALLBACK", 232448)  # H100/H200 opt-in limit, for a CPU tensor
+    big = [(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in configs
+           if fc._config_smem(c, 4) > 232448]
+    assert (256, 64, 64, 3) in big  # 3 x (256*64 + 64*64) x 4 B x 1.1 = 270 KB
+    fp32 = fc._prune_configs(configs, {"C": 512, "x_ptr": torch.empty(1)})
+    bf16 = fc._prune_configs(configs, {"C": 512, "x_ptr": torch.empty(1, dtype=torch.bfloat16)})
+    assert all(fc._config_smem(c, 4) <= 232448 for c in fp32)
+    assert len(bf16) > len(fp32) and {id(c) for c in fp32} < {id(c) for c in bf16}
+    narrow = fc._prune_configs(configs, {"C": 32, "x_ptr": torch.empty(1)})
+    assert narrow and all(c.kwargs["BLOCK_N"] <= 32 and c.kwargs["BLOCK_K"] <= 32 for c in narrow)
+    monkeypatch.setattr(fc, "_SMEM_FALLBACK", 1000)  # nothing fits: the smallest config, not none
+    assert len(fc._prune_configs(configs, {"C": 64, "x_ptr": torch.empty(1)})) == 1
+    assert [fc.size_bucket(s ** 3) for s in (8, 16, 32, 64, 128)] == [3, 4, 5, 6, 7]
+    assert fc.size_bucket(100 ** 3) == 6 and fc.size_bucket(2 * 128 ** 3) == 7
+    assert fc.size_bucket(0) == 0
+
+
 # --------------------------------------------------------------------------- GPU (realistic sizes)
 
 @pytest.mark.gpu
@@ -405,7 +446,34 @@ def test_gpu_matches_reference(C, dtype, layout):
     S = (32, 32, 32) if C <= 256 else (16, 16, 16)
     x, w, b, e = _make_inputs(1, 2, C, S, 1, dtype, device="cuda", layout=layout)
     assert fusion._use_triton(x)
+    importlib.import_module("vicl_fast.kernels.fusion_conv")
+    _assert_kernel_compiled()
     _check(fusion_block, x, w, b, e, fp32=dtype == torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_every_config(dtype):
+    """Each autotuning candidate (tails in every tile dimension: C=80, odd volume), forward and
+    backward, against the reference; configs over the shared-memory limit for the dtype are the
+    pruned ones and are skipped the same way."""
+    if not fusion.triton_fusion_available()[0]:
+        pytest.skip("triton unavailable")
+    fc = importlib.import_module("vicl_fast.kernels.fusion_conv")
+    _assert_kernel_compiled()
+    import triton
+
+    x, w, b, e = _make_inputs(1, 2, 80, (9, 10, 11), 1, dtype, device="cuda", layout="channels_last")
+    kept = {(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+            for c in fc._prune_configs([triton.Config(dict(BLOCK_P=p, BLOCK_N=n, BLOCK_K=k), num_warps=wa,
+                                                      num_stages=st) for p, n, k, wa, st in fc._GPU_CONFIGS],
+                                       {"C": 80, "x_ptr": x})}
+    assert kept
+    for cfg in fc._GPU_CONFIGS:
+        if cfg not in kept:
+            continue
+        with fc.forced_config(cfg):
+            _check(fusion_block, x, w, b, e, fp32=dtype == torch.float32)
 
 
 @pytest.mark.gpu
@@ -414,4 +482,6 @@ def test_gpu_extra_per_context_2d():
         pytest.skip("triton unavailable")
     x, w, b, e = _make_inputs(2, 3, 64, (48, 40), "L", torch.bfloat16, device="cuda",
                               layout="channels_last")
+    importlib.import_module("vicl_fast.kernels.fusion_conv")
+    _assert_kernel_compiled()
     _check(fusion_block, x, w, b, e, fp32=False)

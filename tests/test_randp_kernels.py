@@ -278,24 +278,63 @@ def test_cuda_gather_rows_add_values_and_grads(dtype, tol, D, kind, with_add):
         assert torch.equal(ga, g)
 
 
+def _offset_one(shape, dtype=torch.float32):
+    """A contiguous CUDA tensor that starts one element into its storage: its data pointer is
+    not 16-byte aligned, and ``.contiguous()`` (which the ops call) keeps it as it is."""
+    n = int(np.prod(shape))
+    buf = torch.randn(n + 1, device="cuda").to(dtype)
+    x = buf[1:].view(shape)
+    assert x.is_contiguous() and x.storage_offset() == 1
+    assert x.data_ptr() % 16 != 0 and x.contiguous().data_ptr() == x.data_ptr()
+    return x
+
+
+def _aligned_copy(x):
+    y = x.clone()
+    assert y.is_contiguous() and y.data_ptr() % 16 == 0
+    return y
+
+
 @pytest.mark.gpu
 @cuda_kernels
-def test_cuda_scatter_rows_add_deterministic_and_misaligned():
-    B, P, Q, D = 2, 7, 300, 20
-    big = torch.randn(B, Q, D + 1, device="cuda")
-    grad = big[..., 1:]  # misaligned rows: the scalar path
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-10), (torch.float16, 1e-2)])
+def test_cuda_scatter_rows_add_deterministic_and_misaligned(dtype, tol):
+    B, P, Q, D = 2, 7, 300, 24  # D % 8 == 0: an aligned input takes the 16-byte vector path
+    grad = _offset_one((B, Q, D), dtype)  # misaligned: the scalar path
     index = torch.randint(0, P, (B, Q), device="cuda")
     r1 = torch.ops.vicl_fast.scatter_rows_add(grad, index, P)
-    r2 = torch.ops.vicl_fast.scatter_rows_add(grad.contiguous(), index, P)
+    r2 = torch.ops.vicl_fast.scatter_rows_add(_aligned_copy(grad), index, P)
+    # Same summation order on both paths: bitwise equal.
     assert torch.equal(r1, r2)
     want = np.zeros((B, P, D))
     for b in range(B):
         np.add.at(want[b], index[b].cpu().numpy(), grad[b].double().cpu().numpy())
-    np.testing.assert_allclose(r1.double().cpu().numpy(), want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(r1.double().cpu().numpy(), want, atol=tol, rtol=0)
     # Rows that no index hits get exact zeros; out-of-range indices are ignored.
     idx = torch.tensor([[0, 0, 9]], device="cuda")
     out = torch.ops.vicl_fast.scatter_rows_add(torch.ones(1, 3, 4, device="cuda"), idx, 3)
     torch.testing.assert_close(out.cpu(), torch.tensor([[[2.0] * 4, [0.0] * 4, [0.0] * 4]]))
+
+
+@pytest.mark.gpu
+@cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_gather_and_cosine_misaligned(dtype):
+    B, P, Q, D = 2, 9, 6, 24  # D allows the vector paths; the offset pointers must fall back
+    src, add = _offset_one((B, P, D), dtype), _offset_one((B, Q, D), dtype)
+    index = torch.randint(0, P, (B, Q), device="cuda")
+    out = rk.gather_rows_add(src, index, add)
+    assert torch.equal(out, rk.gather_rows_add(_aligned_copy(src), index, _aligned_copy(add)))
+    assert torch.equal(out, rk.gather_rows_add_reference(src, index, add))
+    src_g = src.detach().requires_grad_(True)
+    g = _offset_one((B, Q, D), dtype)
+    rk.gather_rows_add(src_g, index, None).backward(g)  # g is misaligned too
+    torch.testing.assert_close(src_g.grad.double(), rk.scatter_rows_add_reference(g.double(), index, P),
+                               **({"rtol": 4e-3, "atol": 1e-3} if dtype in (torch.float16, torch.bfloat16)
+                                  else {"rtol": 1e-6, "atol": 1e-6}))
+    cost = rk.cosine_cost(src, add)
+    assert torch.equal(cost, rk.cosine_cost(_aligned_copy(src), _aligned_copy(add)))
+    np.testing.assert_allclose(cost.cpu().numpy(), _np_cosine_cost(src, add), atol=3e-6, rtol=0)
 
 
 @pytest.mark.gpu
@@ -305,6 +344,12 @@ def test_cuda_gather_out_of_range_nan_or_error():
     index = torch.tensor([[1, 4]], device="cuda")
     out = rk.gather_rows_add(src, index, None)  # no check by default: NaN row, no crash
     assert torch.isnan(out[0, 1]).all() and torch.equal(out[0, 0], src[0, 1])
+    for idx in (index, torch.tensor([[-1, 1]], device="cuda")):  # the reference too: no device-side assert
+        ref = rk.gather_rows_add_reference(src, idx, None)
+        torch.cuda.synchronize()
+        bad = (idx[0] < 0) | (idx[0] >= 4)
+        assert torch.isnan(ref[0, bad]).all() and torch.equal(ref[0, ~bad], src[0, idx[0, ~bad]])
+    assert float(torch.ones(3, device="cuda").sum()) == 3.0  # the context is alive
     rk.set_index_checks(True)
     try:
         with pytest.raises(ValueError, match="index holds values"):

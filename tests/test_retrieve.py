@@ -187,3 +187,64 @@ def test_errors():
         retrieve_and_propagate(x_pi.long(), x_pl, x_qi, x_ql, w, b)
     with pytest.raises(ValueError, match="perm"):
         retrieve_and_propagate(x_pi, x_pl, x_qi, x_ql, w, b, perm=torch.zeros(2, 3, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- failed matchings (perm = -1)
+# On CUDA the matching runs with check=False (no host sync): a matrix the solver
+# rejects (NaN tokens -> NaN costs) gets perm = -1. Both impls must turn that
+# into NaN output rows, never a device-side assert (issue 11 (g)).
+
+_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _alive(device):
+    """The device context still works after the op (a device-side assert would poison it)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        assert float(torch.ones(4, device=device).sum()) == 4.0
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_reference_failed_matching_gives_nan_rows(monkeypatch, device):
+    from vicl_fast.ops.assignment import matching_permutation
+
+    if device == "cpu":  # CPU checks by default and would raise: force the CUDA behaviour
+        monkeypatch.setattr(retrieve_mod, "_matching_permutation",
+                            lambda cost: matching_permutation(cost, check=False))
+    x_pi, x_pl, x_qi, x_ql, w, b = (t.detach().float().to(device) for t in _tokens(B=3, P=9, Q=9, D=8))
+    x_pi[1, 4] = float("nan")  # one NaN prompt token in batch item 1
+    out, perm = retrieve_and_propagate(x_pi, x_pl, x_qi, x_ql, w, b, impl="reference", return_perm=True)
+    _alive(device)
+    assert out.shape == (3, 9, 8) and out.device.type == device
+    assert (perm[1] == -1).all()
+    assert torch.isnan(out[1]).all()
+    good = [0, 2]
+    assert torch.isfinite(out[good]).all()
+    # The other items: as if batch item 1 did not exist (float64 CPU recomputation, scipy matching).
+    args64 = [t[good].double().cpu() for t in (x_pi, x_pl, x_qi, x_ql)]
+    want_perm = _scipy_perm(_cos64(args64[0], args64[2]))
+    assert torch.equal(perm[good].cpu(), want_perm)
+    want = retrieve_and_propagate_reference(*args64, w.double().cpu(), b.double().cpu(), want_perm)
+    torch.testing.assert_close(out[good].double().cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_reference_negative_index_rows_are_nan_with_finite_grads(device):
+    tokens = _tokens(B=2, P=5, Q=4, D=4)
+    x_pi, x_pl, x_qi, x_ql, w, b = (t.detach().to(device).requires_grad_() for t in tokens)
+    perm = torch.tensor([[4, -1, 0, 2], [-1, -1, -1, -1]], device=device)
+    out = retrieve_and_propagate_reference(x_pi, x_pl, x_qi, x_ql, w, b, perm)
+    _alive(device)
+    nan_rows = (perm < 0).cpu()
+    assert torch.isnan(out.detach().cpu()[nan_rows]).all()
+    assert torch.isfinite(out.detach().cpu()[~nan_rows]).all()
+    # Valid rows: the literal concat form, by hand.
+    for q in (0, 2, 3):
+        p = int(perm[0, q])
+        v = torch.cat([x_pi[0, p], x_pl[0, p], x_qi[0, q], x_ql[0, q]])
+        torch.testing.assert_close(out[0, q], w @ v + b)
+    # A loss over the valid rows back-propagates finite gradients (the NaN rows are constants).
+    grads = torch.autograd.grad(out[~nan_rows.to(device)].sum(), (x_pi, x_pl, x_qi, x_ql, w, b))
+    for g in grads:
+        assert torch.isfinite(g).all()
+    assert (grads[2][1] == 0).all() and (grads[0][1] == 0).all()  # item 1 has no valid row

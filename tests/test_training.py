@@ -181,6 +181,29 @@ def test_resume_after_kill_is_bitwise_identical(family, dataset, tmp_path):
     assert a == b
 
 
+def test_deadline_stops_with_a_checkpoint_and_resumes_exactly(dataset, tmp_path):
+    """fit(deadline=...) (a time-boxed GPU run): stops at the first step past the deadline, checkpoints
+    there although ckpt_every is far, and a resumed run ends equal to an uninterrupted one."""
+    import time
+
+    extra = dict(steps=5, ckpt_every=100, val_every=100)
+    full = _trainer(_nv_raw(dataset, tmp_path / "full", **extra))
+    full.fit()
+    boxed = _trainer(_nv_raw(dataset, tmp_path / "boxed", **extra))
+    res = boxed.fit(max_steps=2)
+    assert res["stopped_at_deadline"] is False and boxed.step == 2
+    res = boxed.fit(deadline=time.monotonic())  # already due: one step, then stop
+    assert res["stopped_at_deadline"] is True and boxed.step == 3
+    assert (tmp_path / "boxed" / "checkpoints" / "step_00000003").is_dir()
+    del boxed
+    resumed = _trainer(_nv_raw(dataset, tmp_path / "boxed", **extra))
+    assert resumed.step == 3
+    assert resumed.fit(deadline=time.monotonic() + 3600)["stopped_at_deadline"] is False
+    ref, got = _params(full.model), _params(resumed.model)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
 def test_checkpoints_best_and_last_k(dataset, tmp_path):
     tr = _trainer(_nv_raw(dataset, tmp_path / "r", steps=6, ckpt_every=1, keep_last=2, val_every=2))
     tr.fit()

@@ -396,12 +396,15 @@ def _read_demo_meta(path: Path) -> dict[str, Any]:
 
 
 def train_or_load(recipe: Recipe, device: str, cache_dir: Path, *, retrain: bool = False,
-                  allow_shipped: bool = True) -> tuple[Path, dict[str, Any]]:
+                  allow_shipped: bool = True, max_train_minutes: float | None = None
+                  ) -> tuple[Path, dict[str, Any]]:
     """The demo model's checkpoint: shipped, cached, or trained now (then cached).
 
     Returns ``(path of a vicl_fast safetensors checkpoint, info)`` with ``info["source"]`` in
     ``{"shipped", "cache", "trained"}``, ``info["grid"]`` (the grid the model was trained on) and the
-    training time / steps / loss.
+    training time / steps / loss. ``max_train_minutes`` time-boxes the training: a run stopped
+    early is saved as ``*_partial.safetensors`` (``info["partial"]``), never as the recipe's cached
+    model, and its checkpoints stay in the cache so the same command continues it.
     """
     shipped = _shipped_checkpoint() if allow_shipped and not retrain else None
     if shipped is not None:
@@ -421,11 +424,11 @@ def train_or_load(recipe: Recipe, device: str, cache_dir: Path, *, retrain: bool
                  f"{meta.get('steps')} steps; --retrain trains it again)")
             return ckpt, {"source": "cache", "path": str(ckpt), **meta}
         _say(f"  cached file {ckpt} does not carry this recipe's key: training again")
-    return _train(recipe, device, cache_dir, ckpt, key, fresh=retrain)
+    return _train(recipe, device, cache_dir, ckpt, key, fresh=retrain, max_minutes=max_train_minutes)
 
 
-def _train(recipe: Recipe, device: str, cache_dir: Path, ckpt: Path, key: str, fresh: bool
-           ) -> tuple[Path, dict[str, Any]]:
+def _train(recipe: Recipe, device: str, cache_dir: Path, ckpt: Path, key: str, fresh: bool,
+           max_minutes: float | None = None) -> tuple[Path, dict[str, Any]]:
     import torch
 
     from vicl_fast.checkpoint import save_checkpoint
@@ -444,6 +447,7 @@ def _train(recipe: Recipe, device: str, cache_dir: Path, ckpt: Path, key: str, f
     _say(f"  tasks: {tasks}; segmentation of {', '.join(recipe.seg_masks)}; context size L in "
          f"[{recipe.context[0]}, {recipe.context[1]}]; Adam {recipe.lr:g}, warm-up + cosine")
     t0 = time.perf_counter()
+    deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else None
     trainer = Trainer(cfg, sources=[_training_source(recipe)])
     n_par = sum(p.numel() for p in trainer.model.parameters())
     start = trainer.step
@@ -462,24 +466,34 @@ def _train(recipe: Recipe, device: str, cache_dir: Path, ckpt: Path, key: str, f
     chunk = max(1, recipe.steps // 10)
     result: dict[str, Any] = {"loss": float("nan"), "val": {}}
     while trainer.step < recipe.steps:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
         t1 = time.perf_counter()
         before = trainer.step
-        result = trainer.fit(max_steps=chunk)
+        result = trainer.fit(max_steps=chunk, deadline=deadline)
         done = trainer.step - before
         per_step = (time.perf_counter() - t1) / max(1, done)
         _say(f"  step {trainer.step:4d}/{recipe.steps}  last loss {result['loss']:.4f}  "
              f"elapsed {_fmt_s(time.perf_counter() - t0)}  ETA {_fmt_s(per_step * (recipe.steps - trainer.step))}")
     train_s = time.perf_counter() - t0
+    partial = trainer.step < recipe.steps
+    if partial:  # time box reached: the model so far, under a name the cache never reuses as complete
+        if not result.get("stopped_at_deadline"):  # stopped between chunks: no checkpoint at this step yet
+            trainer.save_checkpoint(improved=False)
+        ckpt = ckpt.with_name(f"{ckpt.stem}_partial{ckpt.suffix}")
+        _say(f"  stopped at the {max_minutes:g}-minute limit after step {trainer.step}/{recipe.steps}; "
+             f"the same command continues from {run_dir / 'checkpoints'}")
     val = {k: v for k, v in (result.get("val") or trainer.last_val or {}).items()
            if isinstance(v, float) and math.isfinite(v)}
     meta = {"key": key, "recipe": dataclasses.asdict(recipe), "grid": recipe.grid, "steps": trainer.step,
             "train_seconds": round(train_s, 1), "device": device, "final_loss": result.get("loss"),
             "val_on_held_out_icbm152_copies": val, "trained_on": f"icbm152 + {recipe.train_variants} warped copies",
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+            "date": time.strftime("%Y-%m-%d %H:%M"), "partial": partial}
     save_checkpoint(trainer.model, ckpt, model_name="neuroverse3d",
                     extra_metadata={_META_KEY: json.dumps(meta)})  # atomic: temp file + rename
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # keep only the CSV logs of the run
-    _say(f"  trained in {_fmt_s(train_s)}; cached as {ckpt}")
+    if not partial:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # keep only the CSV logs of the run
+    _say(f"  trained in {_fmt_s(train_s)}; {'saved (partial)' if partial else 'cached'} as {ckpt}")
     return ckpt, {"source": "trained", "path": str(ckpt), **meta}
 
 
@@ -592,8 +606,8 @@ def _table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool = False,
-        cache_dir: Path | None = None, recipe: Recipe | None = None, export: Path | None = None
-        ) -> dict[str, Any]:
+        cache_dir: Path | None = None, recipe: Recipe | None = None, export: Path | None = None,
+        max_train_minutes: float | None = None) -> dict[str, Any]:
     """The main job (see the module docstring); returns the summary also written to ``summary.json``."""
     import torch
 
@@ -622,7 +636,8 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
          "generalisation: this shows the system working end to end.")
     _say(f"  device {dev}; outputs in {out}; model cache {cache}")
     _say("[1/3] model")
-    ckpt, info = train_or_load(recipe, dev, cache, retrain=retrain, allow_shipped=not quick and not custom)
+    ckpt, info = train_or_load(recipe, dev, cache, retrain=retrain, allow_shipped=not quick and not custom,
+                               max_train_minutes=max_train_minutes)
     grid = int(info.get("grid", recipe.grid))
     if export is not None:
         _say(f"  exported the weights in bfloat16 to {export_bf16(ckpt, Path(export), info)}")
@@ -698,6 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default=None, metavar="PATH",
                    help="also write the model's weights in bfloat16 to PATH (e.g. "
                         "vicl_fast/checkpoints/demo_neuroverse3d.safetensors to ship it)")
+    p.add_argument("--max-train-minutes", type=float, default=None, metavar="M",
+                   help="stop training after M minutes (checkpointed: the same command continues it); "
+                        "the model so far is evaluated and exported, marked partial")
     return p
 
 
@@ -707,11 +725,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error (argparse printed it)
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    if args.max_train_minutes is not None and not args.max_train_minutes > 0:
+        print("vicl_fast.main_job: error: --max-train-minutes must be a positive number of minutes",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         recipe = load_recipe(args.recipe) if args.recipe else None
         run(Path(args.out), quick=args.quick, device=args.device, retrain=args.retrain,
             cache_dir=Path(args.cache_dir) if args.cache_dir else None, recipe=recipe,
-            export=Path(args.export) if args.export else None)
+            export=Path(args.export) if args.export else None, max_train_minutes=args.max_train_minutes)
     except MainJobError as exc:
         print(f"vicl_fast.main_job: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -42,6 +42,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -49,6 +50,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 
@@ -532,23 +534,43 @@ prepare_kernel(const In* __restrict__ cost, int64_t sb, int64_t sn, int64_t sm, 
 // ----------------------------------------------------------------------------
 // Host side.
 
+// The device limits a launch needs. Read once per device: the solver runs at
+// every training step and these never change while the process lives.
+struct DeviceLimits {
+  int sm_count = 1, smem_optin = 48 * 1024, smem_per_sm = 48 * 1024, smem_reserved = 0;
+};
+
+inline const DeviceLimits& device_limits(int device) {
+  static std::once_flag once[C10_COMPILE_TIME_MAX_GPUS];
+  static DeviceLimits limits[C10_COMPILE_TIME_MAX_GPUS];
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "linear_sum_assignment: bad CUDA device ", device);
+  // A failed query throws out of call_once, which leaves the flag unset (retried next call).
+  std::call_once(once[device], [device] {
+    DeviceLimits l;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&l.sm_count, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&l.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&l.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&l.smem_reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+    limits[device] = l;
+  });
+  return limits[device];
+}
+
 template <typename T, int W, int K>
 bool launch_solver(const T* cost, int64_t sb, int64_t sr, int64_t B, int R, int C, bool transposed,
                    int64_t* row_out, int64_t* col_out, int* status_out, const at::Tensor& like,
                    cudaStream_t stream) {
   auto kernel = lsa_kernel<T, W, K>;
-  int device = 0, sm_count = 1, smem_optin = 48 * 1024, smem_per_sm = 48 * 1024;
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  const DeviceLimits& lim = device_limits(device);
   const Layout L(R, C, K == 0);
   at::Tensor scratch;
   unsigned char* scratch_ptr = nullptr;
   int64_t smem = 0;
   if (K > 0) {
     smem = L.total;
-    if (smem > smem_optin) return false;  // caller falls back
+    if (smem > lim.smem_optin) return false;  // caller falls back
     if (smem > 48 * 1024) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
@@ -556,9 +578,26 @@ bool launch_solver(const T* cost, int64_t sb, int64_t sr, int64_t B, int R, int 
     // Leave the rest of the SM's unified L1/shared memory to L1, which then
     // caches the cost rows the matrices resident on the SM re-read at every
     // Dijkstra step. Enough shared memory is kept for every matrix of the
-    // batch to be resident at once (up to the hardware limit).
-    const int64_t per_sm = (B + sm_count - 1) / sm_count;
-    const int64_t want = per_sm * (smem + 1024 + int64_t(sizeof(Key)) * 2 * W);
+    // batch to be resident at once, but never for more blocks than can really
+    // be resident (registers, threads, blocks per SM and shared memory cap
+    // that count well below B / sm_count for large batches): shared memory
+    // reserved beyond that is L1 lost for nothing.
+    // The carveout is a per-kernel attribute that persists across calls and
+    // the occupancy query may count blocks against it, so the previous call's
+    // (possibly small) carveout is lifted first: the query then sees what the
+    // hardware allows, not what an earlier, smaller batch asked for.
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        static_cast<int>(cudaSharedmemCarveoutMaxShared)));
+    int resident = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, 32 * W,
+                                                                 static_cast<size_t>(smem)));
+    // 0: dynamic + static + reserved shared memory exceed what an SM has even
+    // though the dynamic part alone fits the opt-in limit; the launch would fail.
+    if (resident < 1) return false;  // caller falls back
+    int64_t per_sm = (B + lim.sm_count - 1) / lim.sm_count;
+    if (per_sm > resident) per_sm = resident;
+    const int64_t want = per_sm * (smem + lim.smem_reserved + int64_t(sizeof(Key)) * 2 * W);
+    const int64_t smem_per_sm = lim.smem_per_sm;
     int carveout = static_cast<int>((want * 100 + smem_per_sm - 1) / smem_per_sm);
     carveout = carveout < 1 ? 1 : (carveout > 100 ? 100 : carveout);
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, carveout));

@@ -30,11 +30,16 @@ broadcast over.
 
 fp32 inputs use IEEE fp32 products unless ``torch.get_float32_matmul_precision()``
 is "high"/"medium" (then TF32, like cuBLAS); bf16/fp16 inputs multiply in their
-own type with fp32 accumulation. Configs are autotuned on a GPU; under the
-Triton CPU interpreter (``TRITON_INTERPRET=1``) one fixed small config runs.
+own type with fp32 accumulation. Configs are autotuned on a GPU, keyed by C, the
+volume size bucket (:func:`size_bucket`), the mode and whether ``extra`` is given,
+after pruning the configs whose shared memory exceeds the device's limit for the
+dtype; under the Triton CPU interpreter (``TRITON_INTERPRET=1``) one fixed small
+config runs. ``VICL_FAST_TRITON_AUTOTUNE=0`` skips autotuning (one heuristic config per
+shape: each compiles once, which keeps a correctness run short).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -49,7 +54,7 @@ MODE_GELU_GRAD = 2  # y = grad_out * GELU'(x + x W^T + b + extra)  (backward g)
 @triton.jit
 def _fusion_block_forward_kernel(
     x_ptr, w_ptr, b_ptr, e_ptr, go_ptr, y_ptr,
-    L, N, C,
+    L, N, C, N_BUCKET,
     sxb, sxl, sxc, sxs,
     swo, swc,
     seb, sel, sec, ses,
@@ -60,6 +65,8 @@ def _fusion_block_forward_kernel(
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (BLOCK_P voxels) x (BLOCK_N output channels) tile of one (b, l) slab.
+
+    ``N_BUCKET`` (:func:`size_bucket` of N) is unused by the body: it is an autotuning key only.
 
     Program order: output-channel tile fastest, then l, then the spatial tile,
     then b, so the programs that read the same x tile (all n tiles) and the same
@@ -145,13 +152,78 @@ _GPU_CONFIGS = [
 _INTERPRET_CONFIG = dict(BLOCK_P=16, BLOCK_N=16, BLOCK_K=16)
 
 
+_SMEM_FALLBACK = 101376  # bytes per block (sm_86's opt-in limit) when the device cannot be asked
+_smem_limits: dict[int, int] = {}
+
+
+def _smem_limit(device_index: int) -> int:
+    """Opt-in shared memory per block of a CUDA device (227 KiB on H100/H200), cached."""
+    if device_index not in _smem_limits:
+        try:
+            props = torch.cuda.get_device_properties(device_index)
+            _smem_limits[device_index] = int(getattr(props, "shared_memory_per_block_optin", 0)) or _SMEM_FALLBACK
+        except Exception:  # noqa: BLE001 - no device / old torch: the conservative limit
+            _smem_limits[device_index] = _SMEM_FALLBACK
+    return _smem_limits[device_index]
+
+
+def _config_smem(cfg, elem_bytes: int) -> int:
+    """Shared memory a config's main loop needs: num_stages buffers of one x tile and one W^T tile
+    (Triton pipelines both through shared memory), plus 10% for layout conversions."""
+    kw = cfg.kwargs
+    tiles = kw["BLOCK_P"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]
+    return int(1.1 * cfg.num_stages * tiles * elem_bytes)
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles much wider than C (tl.dot needs >= 16 per side on GPU)."""
+    """Drop tiles much wider than C (tl.dot needs >= 16 per side on GPU) and configs whose shared
+    memory exceeds the device's limit for this dtype (fp32 tiles take twice bf16's: a config that
+    fits for bf16 can fail to launch for fp32, which autotuning reports as an error, not a skip)."""
     cap = max(16, triton.next_power_of_2(int(named_args["C"])))
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= cap and c.kwargs["BLOCK_K"] <= cap]
     if cap > 16:  # 16-wide tiles only for the tiny-C (test) shapes
         kept = [c for c in kept if c.kwargs["BLOCK_N"] > 16] or kept
+    x = named_args.get("x_ptr")
+    if isinstance(x, torch.Tensor):
+        limit = _smem_limit(x.device.index or 0) if x.is_cuda else _SMEM_FALLBACK
+        fits = [c for c in kept if _config_smem(c, x.element_size()) <= limit]
+        kept = fits or sorted(kept, key=lambda c: _config_smem(c, x.element_size()))[:1]
     return kept or configs[:1]
+
+
+def size_bucket(n_voxels: int) -> int:
+    """Autotuning key of the volume size: floor(log2(voxels per (b, l) slab) / 3), so each bucket
+    spans 8x in voxels (2x per side): 32^3 and 128^3 stages tune apart, 64^3 and 100^3 together."""
+    return max(0, (max(1, int(n_voxels)).bit_length() - 1) // 3)
+
+
+def _heuristic_config(C: int, x: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """One config without autotuning (``VICL_FAST_TRITON_AUTOTUNE=0``: every shape compiles once,
+    e.g. for correctness runs): the whole channel range in one tile up to 128 wide, else the
+    first config that survives :func:`_prune_configs`."""
+    cap = max(16, triton.next_power_of_2(int(C)))
+    want = {16: (64, 16, 16, 4, 2), 32: (128, 32, 32, 4, 3), 64: (128, 64, 64, 4, 3)}.get(cap, (128, 128, 32, 8, 4))
+    configs = [triton.Config(dict(BLOCK_P=p, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+               for p, n, k, w, s in _GPU_CONFIGS]
+    kept = _prune_configs(configs, {"C": C, "x_ptr": x})
+    tuples = [(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+              for c in kept]
+    return want if want in tuples else tuples[0]
+
+
+_forced_config: tuple[int, int, int, int, int] | None = None
+
+
+@contextlib.contextmanager
+def forced_config(cfg: tuple[int, int, int, int, int]):
+    """Run every launch inside with ``cfg`` = (BLOCK_P, BLOCK_N, BLOCK_K, num_warps, num_stages),
+    no autotuning (the GPU tests check each entry of ``_GPU_CONFIGS`` this way)."""
+    global _forced_config
+    prev, _forced_config = _forced_config, tuple(cfg)
+    try:
+        yield
+    finally:
+        _forced_config = prev
 
 
 _autotuned = None
@@ -162,7 +234,7 @@ def _get_autotuned():
     if _autotuned is None:
         configs = [triton.Config(dict(BLOCK_P=p, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
                    for p, n, k, w, s in _GPU_CONFIGS]
-        _autotuned = triton.autotune(configs, key=["C", "MODE", "HAS_EXTRA"],
+        _autotuned = triton.autotune(configs, key=["C", "N_BUCKET", "MODE", "HAS_EXTRA"],
                                      prune_configs_by={"early_config_prune": _prune_configs},
                                      )(_fusion_block_forward_kernel)
     return _autotuned
@@ -232,7 +304,7 @@ def _launch(mode: int, x: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | N
     sg = _strides4(grad_out) if grad_out is not None else (0, 0, 0, 0)
     args = (x, w2, bias if bias is not None else x, extra if extra is not None else x,
             grad_out if grad_out is not None else x, y,
-            L, N, C, *sx, w2.stride(0), w2.stride(1), *se, *sg, *sy)
+            L, N, C, size_bucket(N), *sx, w2.stride(0), w2.stride(1), *se, *sg, *sy)
     consts = dict(HAS_BIAS=bias is not None, HAS_EXTRA=extra is not None, MODE=mode,
                   INPUT_PRECISION=_input_precision(x.dtype),
                   # triton 3.9's CPU interpreter multiplies the raw bits of bf16 in tl.dot
@@ -242,6 +314,12 @@ def _launch(mode: int, x: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | N
         cfg = _INTERPRET_CONFIG
         grid = (triton.cdiv(C, cfg["BLOCK_N"]) * L * triton.cdiv(N, cfg["BLOCK_P"]) * B,)
         _fusion_block_forward_kernel[grid](*args, **consts, **cfg)
+    elif _forced_config is not None or os.environ.get("VICL_FAST_TRITON_AUTOTUNE", "1") == "0":
+        p, n, k, warps, stages = _forced_config or _heuristic_config(C, x)
+        grid = (triton.cdiv(C, n) * L * triton.cdiv(N, p) * B,)
+        with torch.cuda.device(x.device):
+            _fusion_block_forward_kernel[grid](*args, **consts, BLOCK_P=p, BLOCK_N=n, BLOCK_K=k,
+                                               num_warps=warps, num_stages=stages)
     else:
         def grid(meta):
             return (triton.cdiv(C, meta["BLOCK_N"]) * L * triton.cdiv(N, meta["BLOCK_P"]) * B,)

@@ -22,8 +22,9 @@ Index checks: out-of-range indices raise ``ValueError``. On CPU the check is a
 cheap min/max. On CUDA it needs a device-to-host copy (a synchronisation), so it
 runs only when debug checks are on (:func:`set_index_checks` or the
 environment variable ``VICL_FAST_CHECK_INDEX=1``); without it the CUDA kernel
-writes NaN rows for out-of-range indices instead of reading out of bounds (the
-reference path on CUDA would hit PyTorch's device-side assert of ``gather``).
+writes NaN rows for out-of-range indices instead of reading out of bounds, and
+so does the reference path on CUDA (it gathers a valid row in their place and
+blanks it, rather than hit PyTorch's device-side assert of ``gather``).
 """
 from __future__ import annotations
 
@@ -174,14 +175,23 @@ def gather_rows_add_reference(src: torch.Tensor, index: torch.Tensor,
 
     Args:
         src: (B, P, D) floating.
-        index: (B, Q) integer, values in [0, P).
+        index: (B, Q) integer, values in [0, P). On CUDA without the index
+            check, an index outside [0, P) gives a NaN row (as the CUDA
+            kernel), not a device-side assert.
         add: None or (B, Q, D).
     Returns:
         (B, Q, D) in the promoted dtype of ``src`` and ``add``.
     """
     index = _check_gather_inputs(src, index, add)
     _check_index_range(index, src.shape[1])
-    out = torch.gather(src, 1, index[..., None].expand(-1, -1, src.shape[2]))
+    if index.is_cuda:
+        # Unchecked indices (no host sync): gather a valid row in their place and
+        # blank it; `add` still flows (and gets its gradient), as in the kernel.
+        valid = (index >= 0) & (index < src.shape[1])
+        out = torch.gather(src, 1, torch.where(valid, index, 0)[..., None].expand(-1, -1, src.shape[2]))
+        out = torch.where(valid[..., None], out, float("nan"))
+    else:
+        out = torch.gather(src, 1, index[..., None].expand(-1, -1, src.shape[2]))
     return out if add is None else out + add
 
 

@@ -53,7 +53,8 @@ def _matching_permutation(cost: torch.Tensor) -> torch.Tensor:
     # device-to-host sync per forward: costs are finite unless the tokens hold
     # NaN/inf, and then a failed matrix gets perm = -1, which the CUDA gather
     # turns into NaN rows (visible, no crash). Meta / fake tensors (shape-only
-    # MAC counting, torch.compile tracing) have no values to check.
+    # MAC counting, torch.compile tracing) have no values to check. The
+    # reference (literal concat) form gives the same NaN rows.
     return matching_permutation(cost, check=cost.device.type == "cpu" and not _is_fake(cost))
 
 
@@ -137,16 +138,25 @@ def retrieve_and_propagate_reference(x_pi: torch.Tensor, x_pl: torch.Tensor, x_q
         x_pi, x_pl: (B, P, D) prompt image / label tokens.
         x_qi, x_ql: (B, Q, D) query image / label ([MASK]) tokens.
         weight: (D, 4D), bias: (D,) or None (unused for ``mode="merge"``).
-        perm: (B, Q) int64 matching (unused for ``mode="merge"``).
+        perm: (B, Q) int64 matching (unused for ``mode="merge"``). An index
+            outside [0, P) (-1 marks a failed matching, see
+            :func:`_matching_permutation`) gives a NaN output row, as the
+            fast path's CUDA gather does.
     Returns:
         (B, Q, D).
     """
     _check_fusion(x_pi, x_pl, x_qi, x_ql, weight, bias, mode)
     if mode == "merge":
         return (x_pi + x_pl + x_qi + x_ql) * 0.25
-    idx = perm.long()[..., None].expand(-1, -1, x_pi.shape[2])
+    perm = perm.long()
+    # No host sync (the matching runs with check=False on CUDA): gather a valid
+    # row in place of every out-of-range index, then blank those output rows.
+    # A plain gather would hit PyTorch's device-side assert on CUDA (and raise on CPU).
+    valid = (perm >= 0) & (perm < x_pi.shape[1])
+    idx = torch.where(valid, perm, 0)[..., None].expand(-1, -1, x_pi.shape[2])
     cat = torch.cat([x_pi.gather(1, idx), x_pl.gather(1, idx), x_qi, x_ql], dim=-1)
-    return F.linear(cat, weight, bias)
+    out = F.linear(cat, weight, bias)
+    return torch.where(valid[..., None], out, float("nan"))
 
 
 def _fast_fuse(x_pi, x_pl, x_qi, x_ql, weight, bias, perm) -> torch.Tensor:

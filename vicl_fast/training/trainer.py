@@ -373,10 +373,14 @@ class Trainer:
         return out
 
     # --------------------------------------------------------------------- fit
-    def fit(self, max_steps: int | None = None) -> dict[str, Any]:
+    def fit(self, max_steps: int | None = None, deadline: float | None = None) -> dict[str, Any]:
         """Train until ``train.steps`` (or ``max_steps`` more steps: to simulate a kill in tests).
 
-        Returns ``{"step", "loss" (last train loss), "best", "val" (last validation row), "out_dir"}``.
+        ``deadline`` (a ``time.monotonic()`` value): stop at the first step that ends after it and
+        write a checkpoint there, so a time-boxed run (a lent GPU's minutes) resumes exactly.
+
+        Returns ``{"step", "loss" (last train loss), "best", "val" (last validation row), "out_dir",
+        "stopped_at_deadline"}``.
         """
         t = self.cfg.train
         stop = t.steps if max_steps is None else min(t.steps, self.step + max_steps)
@@ -392,6 +396,7 @@ class Trainer:
         loader = make_loader(self.train_ds, sampler, self.cfg.data.num_workers, t.seed,
                              pin_memory=self.device.type == "cuda")
         last: dict[str, float] = {}
+        stopped = False
         tic = time.perf_counter()
         try:
             for batch in loader:
@@ -416,9 +421,16 @@ class Trainer:
                         self.scheduler.step(val["loss"])
                     if val["loss"] < self.best:
                         self.best, improved = val["loss"], True
-                if s % t.ckpt_every == 0 or s == t.steps or improved:
+                late = False
+                if deadline is not None and s < stop and (not self.env.distributed or s % t.log_every == 0):
+                    # rank 0's clock decides, so every process stops at the same step
+                    late = D.broadcast_flag(time.monotonic() >= deadline, self.env)
+                if s % t.ckpt_every == 0 or s == t.steps or improved or late:
                     self.save_checkpoint(improved)
+                if late:
+                    stopped = True
+                    break
         finally:
             logger.close()
         return {"step": self.step, "loss": last.get("loss", float("nan")), "best": self.best,
-                "val": self.last_val, "out_dir": str(self.out_dir)}
+                "val": self.last_val, "out_dir": str(self.out_dir), "stopped_at_deadline": stopped}
