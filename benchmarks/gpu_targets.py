@@ -11,8 +11,9 @@ deadline keeps the finished ones); a section that fails records its error and th
 - ``solver``: exact assignment, B=64 cosine costs, N=256 and 1024: vicl_fast CUDA vs
   torch-linear-assignment (CUDA) vs SciPy and the vicl_fast CPU kernel, one run; CUDA answers
   compared bit for bit with the CPU kernel's, totals with SciPy's.
-- ``fusion``: the Neuroverse3D fusion block per U-Net stage at 128^3 (C=32..512), L=8, bf16 and
-  fp32: the Triton kernel (``fused``, W_t t included) vs the PyTorch composite (``reference``).
+- ``fusion``: the Neuroverse3D fusion block per U-Net stage of a 128^3 input (C=32..512), L=8,
+  bf16 (every stage) and fp32 (stages 0 and 2): the Triton kernel (``fused``, W_t t included) vs
+  the PyTorch composite (``reference``).
 - ``neuroverse3d``: 128^3, L in {1, 8, 32}, l in {1, 4}, fast vs reference path, bf16 autocast
   (and fp32 at L=8, l=1): ms and peak memory.
 - ``randp``: RandP ViT-L vs Painter ViT-L at batch 16, fp32 and bf16 weights, inference:
@@ -48,6 +49,7 @@ class Run:
         self.device, self.tiny, self.deadline, self.json_path = device, tiny, deadline, json_path
         self.cuda = device == "cuda"
         self.data: dict = {"meta": _meta(device, tiny), "sections": {}, "targets": []}
+        self.current = ""
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -87,6 +89,12 @@ class Run:
         peak = torch.cuda.max_memory_allocated()
         return peak, peak - base
 
+    def section_result(self, out: dict) -> dict:
+        """Register ``out`` as the running section's result now, so every save (and a kill in the
+        middle of the section) keeps the cells done so far."""
+        self.data["sections"][self.current] = {"status": "running", "result": out}
+        return out
+
     def target(self, tid: str, what: str, target: str, measured: str, met: bool | None) -> None:
         self.data["targets"] = [t for t in self.data["targets"] if t["id"] != tid]
         self.data["targets"].append(dict(id=tid, what=what, target=target, measured=measured, met=met))
@@ -111,7 +119,21 @@ def _meta(device: str, tiny: bool) -> dict:
         m["triton"] = triton.__version__
     except Exception:  # noqa: BLE001 - optional
         m["triton"] = None
+    from vicl_fast.ops.fusion import triton_fusion_available
+    m["triton_fusion"] = triton_fusion_available()
+    if device == "cuda":
+        from vicl_fast.models.vit import xformers_works
+        m["xformers_attention_fp32"] = xformers_works(torch.device("cuda"), torch.float32)
+        m["xformers_attention_bf16"] = xformers_works(torch.device("cuda"), torch.bfloat16)
     return m
+
+
+def _require_triton(r: "Run") -> None:
+    """On CUDA the fused paths must be the Triton kernel: a silent fallback would time the PyTorch
+    composite under the kernel's name."""
+    ok, why = r.data["meta"]["triton_fusion"]
+    if r.cuda and not ok:
+        raise RuntimeError(f"the Triton fusion kernel is unavailable ({why}): nothing to measure")
 
 
 def _gib(n: int | None) -> float | None:
@@ -154,7 +176,7 @@ def sec_solver(r: Run) -> dict:
     except ImportError:
         tla = None
     op = torch.ops.vicl_fast.linear_sum_assignment if _ext.has_kernel("linear_sum_assignment", "CPU") else None
-    out: dict = {"tla": getattr(tla, "__version__", "present") if tla else None, "cells": []}
+    out: dict = r.section_result({"tla": getattr(tla, "__version__", "present") if tla else None, "cells": []})
     B = 4 if r.tiny else 64
     for N in ((32,) if r.tiny else (256, 1024)):
         if r.left() < 20:
@@ -163,10 +185,13 @@ def sec_solver(r: Run) -> dict:
         cost = make_costs("cosine", B, N)
         arr = cost.double().numpy()
         cell: dict = {"B": B, "N": N}
+        t0 = time.perf_counter()
         ref = [scipy_lsa(c) for c in arr]
         totals = np.array([c[i, j].sum() for c, (i, j) in zip(arr, ref)])
-        cell["scipy_ms_per_matrix"] = r.median_ms(lambda: [scipy_lsa(c) for c in cost.numpy()],
-                                                  reps=1 if N >= 1024 else 3, warmup=0) / B
+        cell["scipy_ms_per_matrix"] = 1e3 * (time.perf_counter() - t0) / B  # float64 input, one call
+        if r.left() > 30:
+            cell["scipy_ms_per_matrix"] = r.median_ms(lambda: [scipy_lsa(c) for c in cost.numpy()],
+                                                      reps=1 if N >= 1024 else 3, warmup=0) / B
         if op is not None:
             # interleave nothing here: the CPU kernel runs on the host while the GPU idles
             cell["vicl_cpu_ms_per_matrix"] = r.median_ms(lambda: op(cost, False), reps=3) / B
@@ -182,8 +207,8 @@ def sec_solver(r: Run) -> dict:
                 if op is not None:
                     cell["vicl_cuda_identical_to_cpu"] = bool(torch.equal(r_gpu.cpu(), r_cpu)
                                                               and torch.equal(c_gpu.cpu(), c_cpu))
-            if tla is not None:
-                ms = r.median_ms(lambda: tla.batch_linear_assignment(dev), reps=10 if N <= 256 else 3, warmup=1)
+            if tla is not None and r.left() > 20:
+                ms = r.median_ms(lambda: tla.batch_linear_assignment(dev), reps=10 if N <= 256 else 1, warmup=1)
                 cell["tla_cuda_us_per_matrix"] = 1e3 * ms / B
                 m = tla.batch_linear_assignment(dev).cpu().numpy()  # (B, N): column of each row
                 got = np.array([c[np.arange(N), mi].sum() for c, mi in zip(arr, m)])
@@ -206,10 +231,12 @@ def sec_solver(r: Run) -> dict:
 def sec_fusion(r: Run) -> dict:
     from bench_fusion import STAGES, forms, make_case
 
-    stages = [(0, 8, 8)] if r.tiny else STAGES
     L = 2 if r.tiny else 8
-    dtypes = [torch.float32] if r.tiny else [torch.bfloat16, torch.float32]
-    out: dict = {"L": L, "cells": []}
+    # bf16 at every stage, fp32 at two (each cell autotunes ~9 configs: compile time is the cost here)
+    cases = [(torch.float32, (0, 8, 8))] if r.tiny else (
+        [(torch.bfloat16, st) for st in STAGES] + [(torch.float32, STAGES[0]), (torch.float32, STAGES[2])])
+    _require_triton(r)
+    out: dict = r.section_result({"L": L, "cells": []})
     if r.cuda:
         import triton.testing
 
@@ -218,22 +245,28 @@ def sec_fusion(r: Run) -> dict:
     else:
         def bench(fn):
             return r.median_ms(fn, reps=3)
-    for dt in dtypes:
-        for stage, C, side in stages:
-            if r.left() < 10:
-                out["cells"].append({"stage": stage, "skipped": "out of time"})
-                continue
-            fs = forms(*make_case(C, side, L, dt, r.device))
-            cell = {"stage": stage, "C": C, "side": side, "dtype": str(dt).replace("torch.", "")}
-            with torch.inference_mode():
-                for name in ("fused", "reference", "fused_kernel", "authors"):
-                    fs[name]()
-                    cell[f"{name}_ms"] = bench(fs[name])
-            cell["speedup_fused_vs_reference"] = cell["reference_ms"] / cell["fused_ms"]
-            out["cells"].append(cell)
-            del fs
-            _free()
-            r.save()
+    for dt, (stage, C, side) in cases:
+        if r.left() < 10:
+            out["cells"].append({"stage": stage, "skipped": "out of time"})
+            continue
+        fs = forms(*make_case(C, side, L, dt, r.device))
+        cell = {"stage": stage, "C": C, "side": side, "dtype": str(dt).replace("torch.", "")}
+        with torch.inference_mode():
+            y, ref = fs["fused"]().float(), fs["reference"]().float()  # the autotuned kernel's answer
+            cell["fused_max_rel_err"] = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+            del y, ref
+            for name in ("fused", "reference", "fused_kernel", "authors"):
+                fs[name]()
+                cell[f"{name}_ms"] = bench(fs[name])
+        cell["speedup_fused_vs_reference"] = cell["reference_ms"] / cell["fused_ms"]
+        out["cells"].append(cell)
+        del fs
+        _free()
+        r.save()
+    errs = [c["fused_max_rel_err"] for c in out["cells"] if "fused_max_rel_err" in c]
+    if errs:
+        r.target("fusion_correct", "autotuned Triton block vs PyTorch composite, max relative error", "<= 2e-2",
+                 f"{max(errs):.2e}", max(errs) <= 2e-2)
     sp = [c["speedup_fused_vs_reference"] for c in out["cells"] if "speedup_fused_vs_reference" in c]
     if r.cuda and sp:
         g = math.exp(statistics.mean(math.log(s) for s in sp))
@@ -248,6 +281,7 @@ def sec_fusion(r: Run) -> dict:
 def sec_neuroverse3d(r: Run) -> dict:
     from vicl_fast.models.neuroverse3d import Neuroverse3D
 
+    _require_triton(r)
     side = 16 if r.tiny else 128
     cells = [(1, 1), (2, 1)] if r.tiny else [(1, 1), (8, 1), (8, 4), (32, 1), (32, 4)]
     torch.manual_seed(0)
@@ -255,7 +289,7 @@ def sec_neuroverse3d(r: Run) -> dict:
     m = Neuroverse3D(check_finite=False, **kw).to(r.device).eval()
     if r.cuda:
         m = m.to(memory_format=torch.channels_last_3d)
-    out: dict = {"side": side, "channels": list(m.channels) if hasattr(m, "channels") else None, "cells": []}
+    out: dict = r.section_result({"side": side, "channels": list(getattr(m, "channels", []) or []), "cells": []})
     g = torch.Generator().manual_seed(0)
     runs = [(L, l, "bf16") for L, l in cells] + ([] if r.tiny else [(8, 1, "fp32")])
     for L, l, dt in runs:
@@ -311,7 +345,7 @@ def sec_randp(r: Run) -> dict:
 
     names = ("randp_vit_tiny", "painter_vit_tiny") if r.tiny else ("randp_vit_l", "painter_vit_l")
     batch, reps = (2, 2) if r.tiny else (16, 10)
-    out: dict = {"batch": batch, "cells": []}
+    out: dict = r.section_result({"batch": batch, "cells": []})
     for dt_name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         if r.left() < 60 and not r.tiny:
             out["cells"].append({"dtype": dt_name, "skipped": "out of time"})
@@ -396,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for name in [s for s in a.sections.split(",") if s]:
         t0 = time.monotonic()
+        r.current = name
         try:
             res = SECTIONS[name](r)
             r.data["sections"][name] = {"status": "done", "result": res}

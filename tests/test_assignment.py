@@ -323,17 +323,21 @@ def test_empty(shape, k):
 def test_nan_and_neg_inf_raise_naming_the_matrix():
     cost = torch.rand(3, 4, 4)
     cost[1, 2, 3] = float("nan")
-    with pytest.raises(ValueError, match=r"cost\[1\] contains NaN or -inf"):
+    # SciPy's text first, then the failed matrix.
+    invalid = r"^matrix contains invalid numeric entries"
+    with pytest.raises(ValueError, match=invalid + r" \(cost\[1\] contains NaN or -inf"):
         linear_sum_assignment(cost)
     cost = torch.rand(3, 4, 4)
     cost[2, 0, 0] = -math.inf
-    with pytest.raises(ValueError, match=r"cost\[2\] contains NaN or -inf"):
+    with pytest.raises(ValueError, match=invalid + r" \(cost\[2\] contains NaN or -inf"):
         linear_sum_assignment(cost)
     cost = torch.rand(3, 4, 4)
     cost[0, 0, 0] = math.inf  # forbidden when minimising, invalid when maximising
     linear_sum_assignment(cost)
-    with pytest.raises(ValueError, match=r"cost\[0\] contains NaN or \+inf"):
+    with pytest.raises(ValueError, match=invalid + r" \(cost\[0\] contains NaN or \+inf"):
         linear_sum_assignment(cost, maximize=True)
+    with pytest.raises(ValueError, match=invalid + "$"):  # 2-D: SciPy's text exactly
+        linear_sum_assignment(cost[0], maximize=True)
 
 
 @pytest.mark.parametrize("which", ["inf_row", "inf_col", "hall", "rect_inf_row", "rect_hall"])
@@ -348,8 +352,10 @@ def test_infeasible_raises(which):
     else:  # rows 0 and 1 may only use column 0
         bad[0:2, 1:] = math.inf
     assert scipy_solve(upcast(cost)[1])[0] == A.STATUS_INFEASIBLE
-    with pytest.raises(ValueError, match=r"cost\[1\] is infeasible"):
+    with pytest.raises(ValueError, match=r"^cost matrix is infeasible \(cost\[1\]"):
         linear_sum_assignment(cost)
+    with pytest.raises(ValueError, match=r"^cost matrix is infeasible$"):  # 2-D: SciPy's text exactly
+        linear_sum_assignment(cost[1])
     rows, cols = linear_sum_assignment(cost, check=False)
     assert (rows[1] == -1).all() and (cols[1] == -1).all()
     assert_optimal(cost[:1], rows[:1], cols[:1])  # the other matrix is still solved
@@ -364,13 +370,19 @@ def test_invalid_takes_precedence_over_infeasible():
 
 
 def test_type_and_shape_errors():
-    with pytest.raises(TypeError, match="floating-point"):
-        linear_sum_assignment(torch.ones(2, 3, 3, dtype=torch.int64))
+    # Integer tensors and NumPy arrays are accepted since issue 14 (tests/test_assignment_scipy.py);
+    # complex tensors are refused, and shapes get SciPy's message.
+    rows, cols = linear_sum_assignment(torch.ones(2, 3, 3, dtype=torch.int64))
+    assert rows.shape == (2, 3) and rows.dtype == torch.int64
+    rows, cols = linear_sum_assignment(np.ones((3, 3)))
+    assert isinstance(rows, np.ndarray) and rows.dtype == np.int64
+    with pytest.raises(TypeError, match="Cannot cast array data"):
+        linear_sum_assignment(torch.ones(3, 3, dtype=torch.complex64))
     with pytest.raises(TypeError, match="torch.Tensor"):
-        linear_sum_assignment(np.ones((3, 3)))
-    with pytest.raises(ValueError, match=r"\(B, N, M\) or \(N, M\)"):
+        matching_permutation(np.ones((3, 3)))
+    with pytest.raises(ValueError, match=r"^expected a matrix \(2-D array\), got a 1 array$"):
         linear_sum_assignment(torch.ones(3))
-    with pytest.raises(ValueError, match=r"\(B, N, M\) or \(N, M\)"):
+    with pytest.raises(ValueError, match=r"^expected a matrix \(2-D array\), got a 4 array.*\(B, N, M\)"):
         linear_sum_assignment(torch.ones(1, 2, 3, 3))
     with pytest.raises(ValueError, match="P >= Q"):
         matching_permutation(torch.ones(1, 3, 5))
@@ -431,7 +443,7 @@ def test_scipy_fallback_agrees(monkeypatch):
     bad = torch.rand(3, 4, 4)
     bad[1, 0, 0] = float("nan")
     bad[2, :, 1] = math.inf
-    with pytest.raises(ValueError, match=r"cost\[1\] contains NaN"):
+    with pytest.raises(ValueError, match=r"^matrix contains invalid numeric entries \(cost\[1\] contains"):
         linear_sum_assignment(bad)
     _, _, status = A._solve(bad, False)
     assert status.tolist() == [0, 1, 2]

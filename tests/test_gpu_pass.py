@@ -83,6 +83,9 @@ def test_dry_run_every_stage(tmp_path):
 def test_stage_names_and_numbers():
     assert gp.parse_stages(None) == list(gp.STAGES)
     assert gp.parse_stages("bench,1,tests") == ["env", "tests", "bench"]  # always in priority order
+    # on a fresh machine a later stage needs the wheels and the build: they come along by default
+    assert gp.parse_stages("train", prerequisites=True) == ["env", "wheels", "build", "train"]
+    assert gp.parse_stages("env,wheels", prerequisites=True) == ["env", "wheels"]
     with pytest.raises(SystemExit, match="unknown stage 'gpu'"):
         gp.parse_stages("gpu")
     with pytest.raises(SystemExit, match="unknown stage '9'"):
@@ -97,14 +100,15 @@ def _ctx(tmp_path: Path, budget: float = 60) -> "gp.Ctx":
                   wheels=tmp_path / "none", resume_dir=tmp_path / "none")
 
 
-def test_timeout_kills_the_whole_process_group(tmp_path):
+def test_timeout_kills_the_whole_process_group(tmp_path, monkeypatch):
+    monkeypatch.setattr(gp, "KILL_GRACE_S", 1)
     ctx = _ctx(tmp_path)
     pidfile = tmp_path / "child.pid"
     # the child starts a grandchild that would outlive a plain kill of the child
     script = f"sleep 300 & echo $! > {pidfile}; wait"
     t0 = time.monotonic()
     r = gp.run_cmd(ctx, "env", ["bash", "-c", script], timeout=2)
-    assert r["timed_out"] and time.monotonic() - t0 < 30
+    assert r["timed_out"] and time.monotonic() - t0 < 15
     pid = int(pidfile.read_text())
     time.sleep(0.2)
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
@@ -133,6 +137,28 @@ def test_out_of_budget_stages_are_skipped(tmp_path):
     s = json.loads((out / "gpu_pass_summary.json").read_text())["stages"]
     assert rc == 0 and {v["status"] for v in s.values()} == {"skipped"}
     assert all(v["note"] == "out of budget" for v in s.values())
+    assert list(s) == ["env", "wheels", "build", "bench", "train"]  # prerequisites came along
+
+
+def test_gpu_run_that_ran_nothing_is_not_a_pass(tmp_path, monkeypatch):
+    """On a GPU (not a dry run), a tests stage whose gpu tests all skipped for a reason other than
+    "needs two GPUs" fails: it measured nothing."""
+    ctx = _ctx(tmp_path)
+    ctx.dry_run = False
+    junit = ctx.work / "junit_gpu.xml"
+
+    def fake_run(ctx_, stage, cmd, timeout, env=None, cwd=None):
+        if "pytest" in cmd:
+            junit.write_text('<testsuites><testsuite tests="2" failures="0" errors="0" skipped="2">'
+                             '<testcase classname="t" name="a"><skipped message="needs a CUDA device"/></testcase>'
+                             '<testcase classname="t" name="b"><skipped message="needs two GPUs"/></testcase>'
+                             '</testsuite></testsuites>')
+        return {"rc": 0, "seconds": 1.0, "timed_out": False, "cmd": " ".join(cmd)}
+
+    monkeypatch.setattr(gp, "run_cmd", fake_run)
+    res = gp.stage_tests(ctx)
+    assert res["status"] == "failed" and "needs a CUDA device" in res["note"]
+    assert res["junit"]["skip_reasons"] == {"needs a CUDA device": 1, "needs two GPUs": 1}
 
 
 def test_junit_summary(tmp_path):

@@ -123,3 +123,38 @@ def test_clear_errors_on_bad_inputs(name):
     wrong = model.in_chans + 1
     with pytest.raises(ValueError, match="channels"):
         model(*(t[:, :1].expand(-1, wrong, -1, -1) for t in (pi, pl, qi)))
+
+
+@pytest.mark.parametrize("works", [True, False])
+def test_xformers_probe_falls_back_to_sdpa(monkeypatch, works):
+    """An xformers that imports but cannot run (a wheel for another torch: "No operator found")
+    is probed once per (device type, dtype) and replaced by SDPA with one warning."""
+    import sys
+    import types
+
+    from vicl_fast.models import vit
+
+    calls = []
+
+    def mea(q, k, v):
+        calls.append(q.dtype)
+        if not works:
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+        return q
+
+    fake = types.ModuleType("xformers")
+    fake.ops = types.SimpleNamespace(memory_efficient_attention=mea)
+    monkeypatch.setitem(sys.modules, "xformers", fake)
+    monkeypatch.setitem(sys.modules, "xformers.ops", fake.ops)
+    monkeypatch.setattr(vit, "_XFORMERS", True)
+    monkeypatch.setattr(vit, "_XFORMERS_WORKS", {})
+    dev = torch.device("cpu")
+    if works:
+        assert vit.xformers_works(dev, torch.float32) is True
+    else:
+        with pytest.warns(RuntimeWarning, match="xformers attention unusable"):
+            assert vit.xformers_works(dev, torch.float32) is False
+    assert vit.xformers_works(dev, torch.float32) is works  # cached: probed once
+    assert calls == [torch.float32]
+    monkeypatch.setattr(vit, "_XFORMERS", False)
+    assert vit.xformers_works(dev, torch.bfloat16) is False  # not importable: no probe

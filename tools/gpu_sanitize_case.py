@@ -132,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_sanitize_case: no CUDA device; use --device cpu", file=sys.stderr)
         return 2
     np.random.seed(0)
+    if a.device == "cuda":  # sanitize OUR kernels: without them the cases would check torch fallbacks
+        from vicl_fast import _ext
+        missing = [op for op in ("linear_sum_assignment", "cosine_cost", "gather_rows_add", "scatter_rows_add")
+                   if not _ext.has_kernel(op, "CUDA")]
+        if missing:
+            print(f"gpu_sanitize_case: vicl_fast._C has no CUDA kernel for {', '.join(missing)}", file=sys.stderr)
+            return 3
     for name in (CASES if a.case == "all" else [a.case]):
         CASES[name](a.device)
     return 0

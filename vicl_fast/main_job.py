@@ -688,7 +688,8 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
     md = [f"# vicl_fast main job{' (quick)' if quick else ''}", "",
           f"Model: {info['source']} `{Path(info['path']).name}` ({info.get('trained_on', '')}, grid {grid}^3, "
           f"{info.get('steps', '?')} steps, {info.get('train_seconds', '?')} s training on "
-          f"{info.get('device', '?')}). Device: {dev}. Target: colin27; contexts: "
+          f"{info.get('device', '?')}{'; PARTIAL: stopped at the --max-train-minutes limit' if info.get('partial') else ''}"
+          f"). Device: {dev}. Target: colin27; contexts: "
           f"{', '.join(summary['contexts'])}.", "", *lines, "", *[f"- {n}" for n in summary["notes"]], ""]
     with atomic_write(out / "summary.md") as tmp:
         Path(tmp).write_text("\n".join(md))

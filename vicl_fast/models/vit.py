@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "VIT_PRESETS", "PatchEmbed", "Attention", "Mlp", "Block", "ViTBlocks", "LayerNorm2d",
-    "PixelDecoder", "evenly_spaced_indices", "interpolate_pos_grid", "xformers_available",
+    "PixelDecoder", "evenly_spaced_indices", "interpolate_pos_grid", "xformers_available", "xformers_works",
 ]
 
 # name -> (embed_dim, depth, num_heads). Patch 16, MLP ratio 4 for all.
@@ -59,6 +60,30 @@ def xformers_available() -> bool:
             except Exception:  # a broken xformers build must never break the model
                 _XFORMERS = False
     return _XFORMERS
+
+
+_XFORMERS_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def xformers_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether xformers' attention runs for this CUDA device type and dtype: probed once on tiny
+    tensors, because a wheel built for another torch imports but then raises "No operator found"
+    (or lacks fp32 kernels); SDPA is used instead, with one warning."""
+    key = (device.type, dtype)
+    if key not in _XFORMERS_WORKS:
+        if not xformers_available() or torch.compiler.is_compiling():
+            return False
+        try:
+            import xformers.ops as xops
+
+            q = torch.randn(1, 8, 1, 16, device=device, dtype=dtype)
+            xops.memory_efficient_attention(q, q, q)
+            _XFORMERS_WORKS[key] = True
+        except Exception as e:  # noqa: BLE001 - any failure: the PyTorch kernel instead
+            warnings.warn(f"xformers attention unusable for {dtype} on {device.type} ({type(e).__name__}); "
+                          "using PyTorch's scaled_dot_product_attention", RuntimeWarning, stacklevel=2)
+            _XFORMERS_WORKS[key] = False
+    return _XFORMERS_WORKS[key]
 
 
 def evenly_spaced_indices(depth: int, n: int = 4) -> tuple[int, ...]:
@@ -127,7 +152,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
-        if self.fused_attn and x.is_cuda and xformers_available():
+        if self.fused_attn and x.is_cuda and xformers_works(x.device, qkv.dtype):
             import xformers.ops as xops
             q, k, v = qkv.unbind(2)  # (B, N, H, hd): xformers' layout, no transpose
             out = xops.memory_efficient_attention(q, k, v).reshape(B, N, D)

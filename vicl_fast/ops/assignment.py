@@ -15,9 +15,15 @@ Backends, in order of preference (``VICL_FAST_LSA_BACKEND=auto|compiled|scipy`` 
   matching (same total cost).
 
 Costs are read as float32 (float16/bfloat16/float32 input) or float64
-(float64 input); the answer is exactly optimal for those upcast costs (duals
-and path lengths in float64). ``+inf`` marks a forbidden pair; NaN and
-``-inf`` are errors (with ``maximize=True`` the sign of the infinities flips).
+(float64 input; integer and bool input is converted to float64); the answer
+is exactly optimal for those upcast costs (duals and path lengths in float64).
+``+inf`` marks a forbidden pair; NaN and ``-inf`` are errors (with
+``maximize=True`` the sign of the infinities flips).
+
+:func:`linear_sum_assignment` is a drop-in for SciPy's: it takes what SciPy
+takes (NumPy arrays, nested lists, any array-like, with SciPy's conversion
+rules and NumPy arrays out) and raises SciPy's exceptions with SciPy's text
+for a 2-D input (tests/test_assignment_scipy.py holds it to that).
 """
 from __future__ import annotations
 
@@ -148,14 +154,58 @@ def _solve(cost: torch.Tensor, maximize: bool) -> tuple[torch.Tensor, torch.Tens
     return _scipy_solve(cost, maximize)
 
 
-def _check_input(cost: torch.Tensor, name: str = "cost") -> None:
+# SciPy's messages (scipy/optimize/_lsap.c), kept verbatim so that code matching on them keeps working.
+_MSG_NOT_A_MATRIX = "expected a matrix (2-D array), got a {} array"
+_MSG_INVALID = "matrix contains invalid numeric entries"
+_MSG_INFEASIBLE = "cost matrix is infeasible"
+_MSG_CAST = "Cannot cast array data from {!r} to dtype('float64') according to the rule 'safe'"
+
+
+def _check_input(cost: torch.Tensor, name: str = "cost") -> torch.Tensor:
+    """Validate a cost tensor; returns it as a floating-point tensor (the same tensor if it is one)."""
     if not isinstance(cost, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cost).__name__}")
     if not cost.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got "
-                        f"{cost.dtype}; convert it with {name}.float()")
+        if cost.dtype.is_complex:  # SciPy refuses complex arrays the same way
+            np_name = str(cost.dtype).removeprefix("torch.")
+            raise TypeError(_MSG_CAST.format(np.dtype(np_name)) + f"; {name} must be real")
+        cost = cost.to(torch.float64)  # integers and bools, as SciPy: exact up to 2**53
     if cost.dim() not in (2, 3):
-        raise ValueError(f"{name} must be (B, N, M) or (N, M), got shape {tuple(cost.shape)}")
+        msg = _MSG_NOT_A_MATRIX.format(cost.dim())
+        if cost.dim() > 3:
+            msg += f" (a torch {name} may also be a (B, N, M) batch of them; got shape {tuple(cost.shape)})"
+        raise ValueError(msg)
+    return cost
+
+
+def _as_numpy_cost(obj) -> np.ndarray:
+    """SciPy's conversion of a non-tensor cost (``PyArray_ContiguousFromAny(obj, NPY_DOUBLE, 0, 0)``).
+
+    An array (or an object with the array protocol) must cast to float64 under
+    NumPy's "safe" rule (bool, integers, float16/32/64; not complex, object,
+    str, datetime or longdouble); anything else (nested sequences, scalars) is
+    converted element by element to float64. Returns the array, not yet
+    float64 where the solver can read its dtype exactly (float16/32).
+    """
+    if isinstance(obj, np.ndarray) or (not isinstance(obj, np.generic) and (
+            isinstance(obj, memoryview) or hasattr(obj, "__array__") or hasattr(obj, "__array_interface__")
+            or hasattr(obj, "__array_struct__"))):
+        a = np.asarray(obj)
+        if not np.can_cast(a.dtype, np.float64, "safe"):
+            raise TypeError(_MSG_CAST.format(a.dtype))
+    else:
+        a = np.asarray(obj, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(_MSG_NOT_A_MATRIX.format(a.ndim))
+    return a
+
+
+def _numpy_to_tensor(a: np.ndarray) -> torch.Tensor:
+    """A CPU tensor of ``a``'s values: a view where torch can share the array, else a float64 copy."""
+    if (a.dtype.type in (np.float16, np.float32, np.float64) and a.dtype.isnative and a.flags.aligned
+            and a.flags.writeable and all(s >= 0 for s in a.strides)):
+        return torch.from_numpy(np.asarray(a))  # the op reads any strides; np.asarray drops np.matrix
+    return torch.from_numpy(np.array(a, dtype=np.float64, order="C"))
 
 
 def _raise_on_status(status: torch.Tensor, batched: bool, maximize: bool) -> None:
@@ -164,46 +214,75 @@ def _raise_on_status(status: torch.Tensor, batched: bool, maximize: bool) -> Non
         return
     b = int(bad[0])
     st = int(status[b])
-    where = f"cost[{b}]" if batched else "cost"
-    more = f" ({bad.numel()} of {status.numel()} matrices failed)" if batched and bad.numel() > 1 else ""
+    if not batched:  # a single matrix: SciPy's exception, word for word
+        if st == STATUS_INVALID:
+            raise ValueError(_MSG_INVALID)
+        if st == STATUS_INFEASIBLE:
+            raise ValueError(_MSG_INFEASIBLE)
+        raise ValueError(f"solver returned unknown status {st}")
+    where = f"cost[{b}]"
+    more = f" ({bad.numel()} of {status.numel()} matrices failed)" if bad.numel() > 1 else ""
     if st == STATUS_INVALID:
-        what = "NaN or +inf (maximize=True)" if maximize else "NaN or -inf"
-        raise ValueError(f"{where} contains {what}{more}; use +inf (-inf with maximize=True) only for "
-                         "forbidden pairs and replace NaN")
+        what = "NaN or +inf" if maximize else "NaN or -inf"
+        raise ValueError(f"{_MSG_INVALID} ({where} contains {what}){more}; use +inf (-inf with "
+                         "maximize=True) only for forbidden pairs and replace NaN")
     if st == STATUS_INFEASIBLE:
-        raise ValueError(f"{where} is infeasible: no complete matching avoids its forbidden "
-                         f"({'-inf' if maximize else '+inf'}) entries{more}")
+        raise ValueError(f"{_MSG_INFEASIBLE} ({where}: no complete matching avoids its forbidden "
+                         f"({'-inf' if maximize else '+inf'}) entries){more}")
     raise ValueError(f"{where}: solver returned unknown status {st}")
 
 
-def linear_sum_assignment(cost: torch.Tensor, maximize: bool = False, *,
-                          check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_sum_assignment(cost, maximize: bool = False, *, check: bool = True):
     """Exact minimum (or maximum) weight matching of every matrix of a batch.
 
     Same answer as :func:`scipy.optimize.linear_sum_assignment` applied to each
     matrix (equal total cost; on ties the indices may differ from SciPy's but
-    are deterministic and identical on CPU and CUDA).
+    are deterministic and identical on CPU and CUDA), and a drop-in for it:
+    it accepts what SciPy accepts and raises what SciPy raises.
 
     Args:
-        cost: (B, N, M) or (N, M) float16/bfloat16/float32/float64, any strides,
-            CPU or CUDA. ``+inf`` (``-inf`` when ``maximize``) forbids a pair.
-        maximize: maximise the total instead of minimising it.
-        check: raise ``ValueError`` naming the first failed matrix (NaN, the
-            wrong infinity, or infeasible). ``check=False`` skips that host
-            sync (useful on CUDA and under ``torch.compile``): failed matrices
-            then get -1 in both outputs.
+        cost: a torch tensor (B, N, M) or (N, M), any dtype but complex
+            (float16/bfloat16/float32/float64 are read as they are; integer
+            and bool tensors are converted to float64, exact for integers up
+            to 2**53 in magnitude; int64 beyond that is rounded), any strides,
+            CPU or CUDA. Or, as for SciPy, a NumPy array, a nested list or
+            any array-like that is an (N, M) matrix, with SciPy's conversion
+            (bool, integer and float16/32/64 arrays are accepted; complex,
+            object, string and longdouble arrays raise ``TypeError``; lists
+            are converted element by element to float64). ``+inf``
+            (``-inf`` when ``maximize``) forbids a pair.
+        maximize: maximise the total instead of minimising it (any truthy value).
+        check: raise ``ValueError`` for a failed matrix. For a single matrix
+            (a 2-D tensor, or any non-tensor input) the message is SciPy's:
+            ``"matrix contains invalid numeric entries"`` (NaN, or the wrong
+            infinity: ``-inf``, ``+inf`` with ``maximize``) or
+            ``"cost matrix is infeasible"``; for a batch it starts with the
+            same text and names the first failed matrix, e.g.
+            ``"cost matrix is infeasible (cost[3]: ...)"``. An input that is
+            not a matrix raises SciPy's ``"expected a matrix (2-D array), got
+            a 1 array"`` (a tensor may also be 3-D: a batch). ``check=False``
+            skips that host sync (useful on CUDA and under ``torch.compile``):
+            failed matrices then get -1 in both outputs.
 
     Returns:
-        ``(row_ind, col_ind)``, int64 on ``cost``'s device, each (B, K) (or
-        (K,) for a 2-D ``cost``), K = min(N, M); ``row_ind`` is ascending and
-        ``cost[b, row_ind[b], col_ind[b]]`` is the optimal assignment.
+        ``(row_ind, col_ind)``. For a tensor: int64 tensors on ``cost``'s
+        device, each (B, K) (or (K,) for a 2-D ``cost``), K = min(N, M). For
+        any other input: int64 NumPy arrays (K,), as SciPy returns.
+        ``row_ind`` is ascending and ``cost[b, row_ind[b], col_ind[b]]`` is
+        the optimal assignment.
 
     Example:
         >>> c = torch.tensor([[4., 1., 3.], [2., 0., 5.], [3., 2., 2.]])
         >>> linear_sum_assignment(c)
         (tensor([0, 1, 2]), tensor([1, 0, 2]))
+        >>> linear_sum_assignment([[4, 1, 3], [2, 0, 5], [3, 2, 2]])
+        (array([0, 1, 2]), array([1, 0, 2]))
     """
-    _check_input(cost)
+    maximize = bool(maximize)  # SciPy's "p" argument: truthiness (an ambiguous array raises)
+    if not isinstance(cost, torch.Tensor):  # NumPy, lists, array-likes: SciPy's conversion and return type
+        rows, cols = linear_sum_assignment(_numpy_to_tensor(_as_numpy_cost(cost)), maximize, check=check)
+        return rows.numpy(), cols.numpy()
+    cost = _check_input(cost)
     batched = cost.dim() == 3
     c3 = cost if batched else cost.unsqueeze(0)
     rows, cols, status = _solve(c3, maximize)
@@ -236,7 +315,7 @@ def matching_permutation(cost: torch.Tensor, maximize: bool = False, *, check: b
         >>> aligned.shape
         torch.Size([2, 6, 8])
     """
-    _check_input(cost)
+    cost = _check_input(cost)
     batched = cost.dim() == 3
     c3 = cost if batched else cost.unsqueeze(0)
     b, p, q = c3.shape
