@@ -19,8 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _fixture_dir() -> Path:
-    shared = REPO.parent / "shared" / "fixtures" / "neuroverse3d"
-    return shared if shared.is_dir() else Path(__file__).parent / "fixtures" / "neuroverse3d"
+    return Path(__file__).parent / "fixtures" / "neuroverse3d"  # the repo's own copy, never ../shared
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ from vicl_fast.ops import fusion
 
 
 def _fixture_dir() -> Path:
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "neuroverse3d"
-    return shared if shared.is_dir() else Path(__file__).parent / "fixtures" / "neuroverse3d"
+    return Path(__file__).parent / "fixtures" / "neuroverse3d"  # the repo's own copy, never ../shared
 
 
 def _inputs(B=1, L=3, S=(16, 16, 16), dtype=torch.float64, seed=0):

@@ -5,9 +5,15 @@ release: ../shared/notes/neuroverse3d-official.md). Default: 5 stages with
 32/64/128/256/512 channels, 2 convs per residual unit, exact GELU, no
 normalisation, all convs with bias, no output activation; 70,854,913 parameters.
 
-- Target encoder: 1x1 embedding, then per stage ``ResidualUnit -> strided conv``
-  (kernel 4, stride 2, padding 1). The shortcut of stage k is taken after the
-  residual unit: ``tfeats = [s_0, ..., s_{n-2}, bottom]``.
+- Target encoder: 1x1 embedding, then per stage ``ResidualUnit -> downsample``.
+  The shortcut of stage k is taken after the residual unit:
+  ``tfeats = [s_0, ..., s_{n-2}, bottom]``.
+- Downsampling from stage k to k+1 (both U-Net encoders), the authors' rule
+  (``UnetDownsampleAndCreateShortcutBlock``): a strided conv (kernel 4, stride 2,
+  padding 1) when ``C_k != C_{k+1}``, a weightless MaxPool (kernel 2, stride 2)
+  when the widths are equal; a pool has no state-dict keys (its
+  ``downsample_blocks.k`` entry holds ``*_pooling_layer`` instead of
+  ``*_linear_layer``), and 0 MACs in :meth:`Neuroverse3D.conv_macs`.
 - Context U-Net (one per context, shared weights): input ``concat[image, label]``,
   1x1 embedding; encoder stage k < n-1: ``ResidualUnit``, then Target-to-Context
   fusion ``c = GELU(c + Conv1x1(concat[c, s_k]))``; bottleneck ``ResidualUnit``;
@@ -44,6 +50,7 @@ Two computation paths (``fast`` flag, same parameters, same maths):
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -53,12 +60,42 @@ import torch.nn.functional as F
 from vicl_fast.models.registry import register_model
 from vicl_fast.ops.fusion import conv_add, conv_gelu, conv_mkldnn, fusion_block, use_mkldnn_fusion
 
-__all__ = ["Neuroverse3D", "ResidualUnit", "neuroverse3d", "neuroverse3d_tiny"]
+__all__ = ["Neuroverse3D", "ResidualUnit", "neuroverse3d", "neuroverse3d_tiny", "parse_stage_channels"]
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_F = {2: F.conv2d, 3: F.conv3d}
 _INTERP = {2: "bilinear", 3: "trilinear"}
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+_POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_POOL_F = {2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def parse_stage_channels(channels: int | Sequence[int], stages: int | None = None) -> tuple[int, ...]:
+    """Stage widths from any form the authors' constructor accepts (their ``parse_channels``).
+
+    An int is every stage's width (``stages`` required). A sequence is the
+    widths themselves; with ``stages`` given, a one-element sequence is repeated
+    ``stages`` times (as the authors do) and a longer one must have ``stages``
+    entries. (Without ``stages``, ``[c]`` is one stage, as in their Lightning
+    module, which passes ``stages=len(nb_inner_channels)``.)
+    """
+    if isinstance(channels, numbers.Integral):
+        if stages is None:
+            raise ValueError(f"a single width channels={channels} needs stages= (the number of stages), "
+                             f"as in the authors' constructor")
+        channels = [channels]
+    channels = [int(c) for c in channels]
+    if stages is not None:
+        stages = int(stages)
+        if stages < 1:
+            raise ValueError(f"stages must be >= 1, got {stages}")
+        if len(channels) == 1:
+            channels = channels * stages
+        elif len(channels) != stages:
+            raise ValueError(f"channels {tuple(channels)} give {len(channels)} stages, but stages={stages}")
+    if not channels or min(channels) < 1:
+        raise ValueError(f"channels needs >= 1 positive stage widths, got {tuple(channels)}")
+    return tuple(channels)
 
 
 class _Wrap(nn.Module):
@@ -144,7 +181,11 @@ class Neuroverse3D(nn.Module):
         in_channels: channels of the target and context images (1 in the release).
         out_channels: channels of the labels and of the output (1 in the release).
         channels: channels per stage, e.g. ``(32, 64, 128, 256, 512)``; the number
-            of stages is ``len(channels)``.
+            of stages is ``len(channels)``. As in the authors' constructor, an int
+            (or a one-element sequence) with ``stages`` means that width at every
+            stage. Neighbouring stages of equal width are joined by a MaxPool,
+            others by a strided conv (see the module docstring).
+        stages: number of stages (needed only with a single width; must agree otherwise).
         convs_per_stage: convs per residual unit (the authors' ``nb_conv_layers_per_stage``).
         spatial_dims: 3 (volumes, ``(B, L, C, D, H, W)``) or 2 (images, ``(B, L, C, H, W)``).
         fast: default computation path (see module docstring); ``forward(..., fast=)`` overrides.
@@ -168,15 +209,13 @@ class Neuroverse3D(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1,
-                 channels: Sequence[int] = (32, 64, 128, 256, 512), convs_per_stage: int = 2,
-                 spatial_dims: int = 3, *, fast: bool = True, apsp_mode: str = "exact",
-                 channels_last: bool | None = None, check_finite: bool = True):
+                 channels: int | Sequence[int] = (32, 64, 128, 256, 512), convs_per_stage: int = 2,
+                 spatial_dims: int = 3, *, stages: int | None = None, fast: bool = True,
+                 apsp_mode: str = "exact", channels_last: bool | None = None, check_finite: bool = True):
         super().__init__()
-        channels = tuple(int(c) for c in channels)
+        channels = parse_stage_channels(channels, stages)
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        if len(channels) < 2 or min(channels) < 1:
-            raise ValueError(f"channels needs >= 2 positive stage widths, got {channels}")
         if convs_per_stage < 1:
             raise ValueError(f"convs_per_stage must be >= 1, got {convs_per_stage}")
         if apsp_mode not in ("exact", "scaled", "full"):
@@ -188,8 +227,10 @@ class Neuroverse3D(nn.Module):
         self.convs_per_stage = convs_per_stage
         self.fast, self.apsp_mode = fast, apsp_mode
         self.channels_last, self.check_finite = channels_last, check_finite
-        conv = _CONV[spatial_dims]
+        conv, pool = _CONV[spatial_dims], _POOL[spatial_dims]
         n, C = self.stages, channels
+        # the authors' rule: MaxPool between stages of equal width, strided conv otherwise
+        self.downsample_pool = tuple(C[k] == C[k + 1] for k in range(n - 1))
 
         def ru(c: int) -> ResidualUnit:
             return ResidualUnit(c, convs_per_stage, spatial_dims)
@@ -207,7 +248,10 @@ class Neuroverse3D(nn.Module):
         cu.downsample_blocks = nn.ModuleList()
         for k in range(n - 1):
             b = nn.Module()
-            b.context_linear_layer = _Wrap(conv(C[k], C[k + 1], 4, stride=2, padding=1))
+            if self.downsample_pool[k]:
+                b.context_pooling_layer = _Wrap(pool(kernel_size=2))
+            else:
+                b.context_linear_layer = _Wrap(conv(C[k], C[k + 1], 4, stride=2, padding=1))
             cu.downsample_blocks.append(b)
         cu.dec_blocks, cu.upsample_blocks = nn.ModuleList(), nn.ModuleList()
         for j in range(n - 1):
@@ -229,7 +273,10 @@ class Neuroverse3D(nn.Module):
             b.target_conv = ru(C[k])
             te.enc_blocks.append(b)
             d = nn.Module()
-            d.target_linear_layer = conv(C[k], C[k + 1], 4, stride=2, padding=1)
+            if self.downsample_pool[k]:
+                d.target_pooling_layer = pool(kernel_size=2)
+            else:
+                d.target_linear_layer = conv(C[k], C[k + 1], 4, stride=2, padding=1)
             te.downsample_blocks.append(d)
         self.target_encoder = te
 
@@ -288,6 +335,21 @@ class Neuroverse3D(nn.Module):
         if fast and use_mkldnn_fusion(x):
             return conv_mkldnn(x, conv.weight, conv.bias, conv.padding[0], conv.stride[0])
         return conv(x)
+
+    def _down(self, k: int, x: torch.Tensor, fast: bool, context: bool) -> torch.Tensor:
+        """Downsampling from stage k to k+1: (N, C_k, *S) -> (N, C_{k+1}, *S/2).
+
+        Strided conv (oneDNN in fast CPU inference), or, between stages of equal
+        width, max pooling (kernel 2, stride 2; keeps x's memory format, so the
+        channels-last oneDNN chain goes on unbroken).
+        """
+        if self.downsample_pool[k]:
+            return _POOL_F[self.spatial_dims](x, 2)
+        if context:
+            conv = self.context_unet.downsample_blocks[k].context_linear_layer.module
+        else:
+            conv = self.target_encoder.downsample_blocks[k].target_linear_layer
+        return self._conv(conv, x, fast)
 
     def _up(self, conv: nn.Module, x: torch.Tensor, skip: torch.Tensor, fast: bool) -> torch.Tensor:
         """``Conv1x1(concat[upsample(x), skip])``; fast: conv of x at low resolution first.
@@ -349,7 +411,7 @@ class Neuroverse3D(nn.Module):
         for k in range(self.stages - 1):
             t = _residual(te.enc_blocks[k].target_conv, t, inplace)
             feats.append(t)
-            t = self._conv(te.downsample_blocks[k].target_linear_layer, t, fast)
+            t = self._down(k, t, fast, context=False)
         feats.append(t)
         return feats
 
@@ -406,7 +468,7 @@ class Neuroverse3D(nn.Module):
             c = _residual(blk.context_conv.module, c, inplace)
             c = self._fuse_t2c(blk.combine_conv_context.module, c, tctx[k], B, fast)
             skips.append(c)
-            c = self._conv(cu.downsample_blocks[k].context_linear_layer.module, c, fast)
+            c = self._down(k, c, fast, context=True)
         c = _residual(cu.enc_blocks[n - 1].context_conv.module, c, inplace)
         outs = [c.unflatten(0, (B, L))]
         for j in range(n - 1):
@@ -562,7 +624,8 @@ class Neuroverse3D(nn.Module):
         k4 = 4 ** self.spatial_dims
         V = [math.prod(s // 2 ** k for s in spatial) for k in range(n)]
         ru = [self.convs_per_stage * k3 * C[k] * C[k] * V[k] for k in range(n)]
-        ds = [k4 * C[k] * C[k + 1] * V[k + 1] for k in range(n - 1)]
+        # strided convs; a MaxPool between stages of equal width has no MACs
+        ds = [0 if self.downsample_pool[k] else k4 * C[k] * C[k + 1] * V[k + 1] for k in range(n - 1)]
 
         def up(k: int) -> int:  # decoder 1x1 conv producing level k from level k+1
             if fast:

@@ -13,6 +13,7 @@ the file, i.e. runs code from it: only for files from a source you trust).
 """
 from __future__ import annotations
 
+import numbers
 import os
 import pickle
 import re
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from vicl_fast.models.neuroverse3d import Neuroverse3D
+from vicl_fast.models.neuroverse3d import Neuroverse3D, parse_stage_channels
 
 __all__ = ["load_official_neuroverse3d", "to_official_state_dict", "infer_official_config",
            "read_official_checkpoint"]
@@ -62,8 +63,17 @@ def _strip_prefix(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {k: sd[k] for k in keys}
 
 
+_STAGE_KEY = re.compile(r"^context_unet\.enc_blocks\.(\d+)\.context_conv\.module\.layers\.0\.weight$")
+_CONV_KEY = re.compile(r"^context_unet\.enc_blocks\.0\.context_conv\.module\.layers\.(\d+)\.weight$")
+
+
 def infer_official_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Model configuration from the shapes of an official state dict (no ``net.`` prefix).
+
+    Works for every configuration of the authors' constructor: the stages and
+    their widths come from the context U-Net's per-stage residual units (present
+    at every stage), not from the downsampling convs, which are absent where two
+    neighbouring stages have the same width (a weightless MaxPool there).
 
     Returns ``dict(in_channels, out_channels, channels, convs_per_stage, spatial_dims)``.
     """
@@ -73,18 +83,15 @@ def infer_official_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
                          f"(first keys: {sample or 'none'})")
     emb = sd[_ANCHOR]
     spatial_dims = emb.dim() - 2
-    channels = [int(emb.shape[0])]
-    k = 0
-    while f"target_encoder.downsample_blocks.{k}.target_linear_layer.weight" in sd:
-        channels.append(int(sd[f"target_encoder.downsample_blocks.{k}.target_linear_layer.weight"].shape[0]))
-        k += 1
-    pat = re.compile(r"^target_encoder\.enc_blocks\.0\.target_conv\.layers\.(\d+)\.weight$")
-    convs = sum(1 for key in sd if pat.match(key))
+    widths = {int(m.group(1)): int(sd[key].shape[0]) for key in sd if (m := _STAGE_KEY.match(key))}
+    n = len(widths)
+    channels = [widths[k] for k in range(n)] if set(widths) == set(range(n)) else []
+    convs = sum(1 for key in sd if _CONV_KEY.match(key))
     head = "target_decoder.output_block.block.1.weight"
     out_channels = int(sd[head].shape[0]) if head in sd else 1
-    if len(channels) < 2 or convs < 1:
-        raise ValueError(f"cannot infer the configuration: found channels {channels}, "
-                         f"{convs} convs per stage; is this a Neuroverse3D state dict?")
+    if not channels or convs < 1 or channels[0] != int(emb.shape[0]):
+        raise ValueError(f"cannot infer the configuration: found stage widths {widths} (embedding width "
+                         f"{int(emb.shape[0])}), {convs} convs per stage; is this a Neuroverse3D state dict?")
     return dict(in_channels=int(emb.shape[1]), out_channels=out_channels, channels=channels,
                 convs_per_stage=convs, spatial_dims=spatial_dims)
 
@@ -95,7 +102,7 @@ def _config_from_hparams(hp: Mapping[str, Any] | None) -> dict[str, Any]:
     hp = dict(hp)
     out: dict[str, Any] = {}
     if hp.get("nb_inner_channels") is not None:
-        out["channels"] = [int(c) for c in hp["nb_inner_channels"]]
+        out["channels"] = hp["nb_inner_channels"]  # the Lightning module: stages = its length
     if hp.get("nb_conv_layers_per_stage") is not None:
         out["convs_per_stage"] = int(hp["nb_conv_layers_per_stage"])
     return out
@@ -150,14 +157,20 @@ def load_official_neuroverse3d(checkpoint: str | os.PathLike | Mapping[str, Any]
             hparams = hp
         elif hp is not None and hasattr(hp, "__dict__"):  # e.g. argparse.Namespace
             hparams = vars(hp)
-        if obj.get("inner_channels") is not None:
-            cfg["channels"] = [int(c) for c in obj["inner_channels"]]
+        if obj.get("inner_channels") is not None:  # the authors' constructor argument (int or list)
+            cfg["channels"] = obj["inner_channels"]
     else:
         sd_raw = obj
     sd = _strip_prefix(sd_raw)
     inferred = infer_official_config(sd)
     given = {**_config_from_hparams(hparams), **cfg}
     for key, val in given.items():
+        if key == "channels":  # an int / [c] means that width at every stage (the authors' parse_channels)
+            one = isinstance(val, numbers.Integral) or len(val) == 1
+            try:
+                val = list(parse_stage_channels(val, len(inferred["channels"]) if one else None))
+            except (TypeError, ValueError) as e:  # e.g. a string, or a length that is not a width list
+                raise ValueError(f"checkpoint hyper-parameter channels={val!r} is not valid: {e}") from e
         if val != inferred[key]:
             raise ValueError(f"checkpoint hyper-parameter {key}={val} does not match its tensors "
                              f"({key}={inferred[key]} from the shapes); the file is inconsistent")
