@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
 __all__ = [
     "apsp_forward", "context_means", "mini_context_chunks", "chunk_order", "auto_mini_context",
-    "free_memory_bytes", "estimate_memory", "ContextStream",
+    "free_memory_bytes", "estimate_memory", "ContextStream", "MemoryPlan", "plan_inference_memory",
 ]
 
 _MODES = ("exact", "scaled", "full")
@@ -156,6 +157,81 @@ def auto_mini_context(model, target: torch.Tensor, context_in: torch.Tensor, *, 
                                  elem_bytes=_elem_bytes(model, target))
     budget = safety * free_memory_bytes(device) - fixed
     return int(max(1, min(context_in.shape[1], budget // max(per, 1))))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What :func:`plan_inference_memory` decided: the mini-context size and the numbers behind it."""
+
+    l: int  #: mini-context size to run with
+    need_bytes: int  #: estimated bytes of the run with ``l``
+    min_bytes: int  #: estimated bytes with ``l = 1`` (the smallest working set)
+    free_bytes: int  #: memory available on the device
+    max_fit: int  #: largest l whose estimate fits ``free_bytes`` (0: not even 1)
+    device: str
+
+    @property
+    def fits(self) -> bool:
+        return self.need_bytes <= self.free_bytes
+
+
+def _cgroup_free_bytes() -> int | None:
+    """Room left under this process's cgroup memory limit (containers), or None when unlimited."""
+    for limit_f, usage_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                             ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                              "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_f) as f:
+                raw = f.read().strip()
+            with open(usage_f) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 60:
+            return None
+        return max(0, int(raw) - usage)
+    return None
+
+
+def plan_inference_memory(model, spatial: Sequence[int], contexts: int, *, batch: int = 1,
+                          l: int | str | None = "auto", device: torch.device | str | None = None,
+                          extra_bytes: int = 0, safety: float = 0.8) -> MemoryPlan:
+    """Mini-context size and memory estimate of one inference pass, before running it.
+
+    Bytes from :func:`estimate_memory` (the model's channels, the grid ``spatial``, ``batch``
+    samples, the parameters' dtype) plus, per context, its image and label copied to the device,
+    plus ``extra_bytes`` (what the caller will still allocate, e.g. its host buffers on the CPU).
+    Available memory: :func:`free_memory_bytes` (CUDA: free device memory; CPU: MemAvailable,
+    capped by a cgroup limit when there is one).
+
+    ``l="auto"``: the largest l in [1, contexts] whose estimate fits ``safety`` x the available
+    memory (at least 1); an int: ``min(l, contexts)``; None: all contexts at once. Whether the
+    chosen l fits (``plan.fits``) compares the estimate with the whole available memory.
+    """
+    p0 = next(model.parameters())
+    dev = torch.device(device) if device is not None else p0.device
+    elem = max(p0.element_size(), 2)
+    fixed, per = estimate_memory(model, tuple(spatial), batch, training=False, elem_bytes=elem)
+    voxels = math.prod(int(s) for s in spatial)
+    per += batch * (getattr(model, "in_channels", 1) + getattr(model, "out_channels", 1)) * voxels * elem
+    fixed += int(extra_bytes)
+    free = int(free_memory_bytes(dev))
+    if dev.type == "cpu":
+        cg = _cgroup_free_bytes()
+        if cg is not None:
+            free = min(free, cg)
+    L = int(contexts)
+    if l is None:
+        size = L
+    elif isinstance(l, str):
+        if l != "auto":
+            raise ValueError(f"l must be an int, None or 'auto', got {l!r}")
+        size = int(max(1, min(L, (safety * free - fixed) // max(per, 1))))
+    else:
+        size = max(1, min(int(l), L))
+    max_fit = int(max(0, min(L, (free - fixed) // max(per, 1))))
+    return MemoryPlan(l=size, need_bytes=int(fixed + size * per), min_bytes=int(fixed + per),
+                      free_bytes=free, max_fit=max_fit, device=str(dev))
 
 
 # ------------------------------------------------------------------ streaming

@@ -13,8 +13,23 @@ Usage (segmentation of one scan from two labelled examples)::
 Inputs are NIfTI files; a folder holding one DICOM series is read too when
 ``pydicom`` is installed (``pip install pydicom``; see :mod:`vicl_fast.data.io`).
 Every output lands on the target's own voxel grid with its affine and header
-(labels nearest neighbour, images linear), written atomically (temp file +
-rename). All inputs are read and checked before the model runs.
+(labels nearest neighbour, images linear). All inputs are read and checked
+before the model runs; a blank (constant) scan is refused rather than given an
+invented result, and an empty segmentation, or one covering nearly the whole
+field of view, is reported as a ``vicl-fast: warning:`` line.
+
+Outputs (NIfTI and PNG previews of every target) are written to hidden staging
+folders beside their destinations, created before any compute (so a read-only
+location is refused at once), and moved into place only when all of them were
+written: a failure or Ctrl-C leaves nothing behind. Memory is estimated before
+the run (grid, channels, contexts per mini-context); ``--mini-context auto``
+takes the largest size that fits, and a request that cannot fit is refused
+with the numbers. Files follow the umask.
+
+Progress: a bar advancing per network stage (target encoder, each mini-context,
+decoder) when stderr is a terminal; the device ``--device auto`` chose; a
+closing one-line timing summary (``-q``: none of these; warnings still shown).
+:func:`predict` is the same command as a Python function returning a summary.
 
 Exit codes (each with a one-line ``vicl-fast: error: ...`` on stderr):
 
@@ -24,15 +39,19 @@ Exit codes (each with a one-line ``vicl-fast: error: ...`` on stderr):
 2     usage error (bad or missing option; argparse's convention)
 3     a file is missing, unreadable or not NIfTI; an empty input folder; a
       DICOM folder without pydicom installed
-4     bad image: not 3D, NaN voxels, or a context image and label whose
-      shapes or affines differ
+4     bad image: not a 3D volume (2D, a single slice, 4D), NaN voxels, a
+      constant (blank) image, or a context image and label whose shapes or
+      affines differ
 5     bad label: empty, non-integer, or non-binary for a binary task, or a
       requested ``--labels`` value missing from a context label
 6     no context pairs given
 7     ``--model`` is missing or not a checkpoint this tool can load
-8     an output cannot be written (missing folder, would overwrite an input)
+8     an output cannot be written (missing or read-only folder, checked before
+      any compute; would overwrite an input)
 9     the requested ``--device`` is not available
-10    out of memory (try ``--mini-context 1``, a smaller ``--grid``, or CPU)
+10    out of memory: refused from the estimate before the run (the message
+      gives the bytes needed and available), or met while running (try
+      ``--mini-context 1``, a smaller ``--grid``, or CPU); nothing is written
 130   interrupted (Ctrl-C); nothing partial is left behind
 ====  =======================================================================
 
@@ -43,12 +62,14 @@ the training code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -57,10 +78,13 @@ from vicl_fast.data.io import (
     BadModelError,
     DeviceError,
     InputError,
+    InsufficientMemoryError,
     NoContextError,
     OutputError,
+    OutputStager,
     UnreadableFileError,
     check_same_grid,
+    check_volume_content,
     is_dicom_dir,
     is_nifti_path,
     load_volume,
@@ -72,6 +96,8 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 10, 13
 
 __all__ = [
     "main",
+    "predict",
+    "UsageError",
     "build_parser",
     "COMMANDS",
     "load_model",
@@ -85,6 +111,9 @@ __all__ = [
 
 class _UsageError(Exception):
     """argparse's error, raised instead of exiting so main() can return 2 in-process."""
+
+
+UsageError = _UsageError  #: a bad option (exit code 2), raised by :func:`predict`
 
 
 class _Parser(argparse.ArgumentParser):
@@ -210,6 +239,9 @@ def _load_contexts(pairs: Sequence[tuple[Path, Path]], task: str) -> list[_Conte
         img = load_volume(ip, f"context image {i}")
         lab = load_volume(lp, f"context label {i}")
         check_same_grid(img, lab, f"context image {i} ({ip.name})", f"context label {i} ({lp.name})")
+        check_volume_content(img, f"context image {i}", ip)
+        if task == "gen":
+            check_volume_content(lab, f"context output {i}", lp)
         vals = np.empty(0)
         if task == "seg":
             data = np.asanyarray(lab.dataobj)
@@ -296,6 +328,15 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
+def _clean_text(text: str, limit: int = 200) -> str:
+    """First line of ``text`` without terminal escape codes, cut at ``limit`` characters."""
+    import re
+
+    line = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).strip().splitlines()
+    first = line[0].strip() if line else ""
+    return first if len(first) <= limit else first[: limit - 3].rstrip() + "..."
+
+
 def check_model_file(path: str | os.PathLike) -> str:
     """The checkpoint's format (``"safetensors"``, ``"torch-zip"``, ``"torch-pickle"``), or BadModelError."""
     p = Path(path)
@@ -336,13 +377,20 @@ def load_model(path: str | os.PathLike, device: str = "cpu", trust_checkpoint: b
     except InputError:
         raise
     except Exception as exc:  # safetensors / torch raise many types for broken files
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = (
-            " (add --trust-checkpoint for the authors' Lightning file if you trust its source)"
-            if "trust_checkpoint" in str(exc)
-            else ""
-        )
-        raise BadModelError(f"cannot load model {path}: {msg}{hint}") from None
+        import pickle
+
+        if _is_oom(exc):
+            raise
+
+        pickled = "trust_checkpoint" in str(exc) or isinstance(exc, pickle.UnpicklingError)
+        if pickled and not trust_checkpoint:
+            # The loader's text quotes PyTorch's (terminal colours, several sentences): one clean line.
+            raise BadModelError(
+                f"cannot load model {path}: it holds pickled Python objects, which can run code when "
+                "loaded; add --trust-checkpoint only if you trust its source (e.g. the authors' release)"
+            ) from None
+        msg = _clean_text(str(exc)) or type(exc).__name__
+        raise BadModelError(f"cannot load model {path}: {msg}") from None
     from vicl_fast.models.neuroverse3d import Neuroverse3D
 
     if not isinstance(model, Neuroverse3D) or getattr(model, "spatial_dims", 3) != 3:
@@ -377,11 +425,110 @@ def _resolve_device(name: str) -> str:
 # --------------------------------------------------------------------------- predict
 
 
+def _is_oom(exc: BaseException) -> bool:
+    """An out-of-memory error of Python, NumPy or PyTorch (CPU allocator or CUDA)."""
+    if isinstance(exc, MemoryError):
+        return True
+    import torch
+
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    if isinstance(exc, RuntimeError):
+        msg = str(exc).lower()
+        return any(
+            s in msg
+            for s in ("out of memory", "defaultcpuallocator", "can't allocate memory", "not enough memory")
+        )
+    return False
+
+
+def _gib(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"
+
+
+def _device_note(requested: str, device: str) -> str | None:
+    """Why ``--device auto`` chose ``device`` (None for an explicit device)."""
+    if requested != "auto":
+        return None
+    import torch
+
+    if device.startswith("cuda"):
+        return f"auto: {torch.cuda.get_device_name(torch.device(device))}"
+    return "auto: no CUDA device available"
+
+
+@contextlib.contextmanager
+def _progress_hooks(model, tick: Callable[[int], None]):
+    """Advance the progress bar inside a forward pass: the target encoder (1), every mini-context
+    (its number of contexts), the decoder (1). Instance attributes, removed afterwards."""
+    units = {
+        "encode_target": lambda a: 1,
+        "_context_branch": lambda a: int(a[0].shape[1]),  # (B, l, C, *S): l contexts
+        "decode": lambda a: 1,
+    }
+    saved = {n: model.__dict__[n] for n in units if n in model.__dict__}
+
+    def wrap(fn, amount):
+        def counted(*a, **k):
+            out = fn(*a, **k)
+            tick(amount(a))
+            return out
+
+        return counted
+
+    for name, amount in units.items():
+        model.__dict__[name] = wrap(getattr(model, name), amount)
+    try:
+        yield
+    finally:
+        for name in units:
+            if name in saved:
+                model.__dict__[name] = saved[name]
+            else:
+                model.__dict__.pop(name, None)
+
+
+#: Warn when a segmentation covers at least this fraction of the target's field of view.
+FULL_FOV_WARNING = 0.95
+
+
+def predict(argv: Sequence[str]) -> dict[str, Any]:
+    """Python API of ``vicl-fast predict``: the same options (without the word ``predict``).
+
+    Messages go to stderr as on the command line. Returns a summary::
+
+        {"outputs": [...], "previews": [...], "device": "cpu", "device_note": ..., "mini_context": 2,
+         "memory": {"estimated_bytes": ..., "available_bytes": ...},
+         "foreground_fraction": [...],            # seg: labelled share of each target's voxels
+         "warnings": [...],                       # e.g. an empty segmentation
+         "seconds": {"total": ..., "read": ..., "model": ..., "write": ...}}
+
+    Raises:
+        InputError: its subclass and ``exit_code`` say what is wrong (see the module docstring);
+            ``InsufficientMemoryError`` (exit code 10) when the request does not fit in memory.
+        UsageError: a bad option.
+    """
+    args = build_parser().parse_args(["predict", *argv])
+    return _run_predict(args)
+
+
 def _predict(args: argparse.Namespace) -> int:
+    _run_predict(args)
+    return EXIT_OK
+
+
+def _run_predict(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
+    from vicl_fast.apsp import plan_inference_memory
     from vicl_fast.data.preprocess import check_grid, preprocess_image, preprocess_label, to_original
+
+    t_start = time.perf_counter()
+    verbose = not args.quiet
 
     # 1) Cheap checks of every option and path, before reading volumes.
     if len(args.grid) not in (1, 3) or len(args.spacing) not in (1, 3):
@@ -422,95 +569,219 @@ def _predict(args: argparse.Namespace) -> int:
         raise OutputError("two targets map to the same output name; rename them or run them separately")
     previews = [_preview_path(args.preview, o, batch) for o in outs] if args.preview is not None else []
     for pv in previews:
-        # Checked now: a preview failing after its NIfTI was written would leave a partial result.
         if not (pv.parent.is_dir() or (batch and pv.parent == outs[0].parent)):
             raise OutputError(f"--preview folder {pv.parent} does not exist; create it first")
         if pv.resolve() in inputs or pv in outs:
             raise OutputError(f"--preview {pv} would overwrite an input or an output; choose another name")
+    if len(set(previews)) != len(previews):
+        raise OutputError("two previews map to the same file name; give --preview a folder")
 
-    # 2) Read and check every volume.
-    contexts = _load_contexts(pairs, args.task)
-    labels = _resolve_labels(contexts, requested) if args.task == "seg" else []
-    target_imgs = [load_volume(t, f"target {t.name}" if batch else "target") for t in targets]
-    spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
+    # Every output is written to a hidden staging folder beside its destination (created now: an
+    # unwritable location is refused before any compute) and moved into place only at the end.
+    stager = OutputStager([*outs, *previews])
+    warnings: list[str] = []
+    secs = {"read": 0.0, "model": 0.0, "write": 0.0}
+    plan = None
+    L = len(pairs)
+    B = 1
+    bar = None
 
-    # 3) Contexts on the model grid (shared by every target).
-    ctx_in, ctx_lab = [], []
-    for c in contexts:
-        v, m = preprocess_image(c.image, spacing=spacing, grid=grid, crop=args.crop)
-        ctx_in.append(v)
-        if args.task == "seg":
-            lab, _ = preprocess_label(c.label, mapping=m)
-            ctx_lab.append(lab)
+    def say(msg: str) -> None:
+        if bar is not None:
+            bar.write(msg, file=sys.stderr)
         else:
-            out_v, _ = preprocess_image(c.label, mapping=m)  # same geometry as its image
-            ctx_lab.append(out_v)
-    if args.task == "seg":
-        for ci, lab in enumerate(ctx_lab, start=1):
-            for v in labels:
-                if not np.any(lab == v):
-                    raise BadLabelError(
-                        f"label {v} of context {ci} vanishes on the model grid (structure smaller "
-                        f"than a voxel at --spacing {args.spacing}); use a finer --spacing/--grid"
-                    )
-    ci_t = torch.from_numpy(np.stack(ctx_in))[None, :, None]  # (1, L, 1, *G)
+            print(msg, file=sys.stderr)
 
-    model = load_model(args.model, device, trust_checkpoint=args.trust_checkpoint)
-    dev = torch.device(device)
-    if batch:
-        outs[0].parent.mkdir(exist_ok=True)  # only now: nothing is created when a check fails
+    try:
+        with stager:
+            # 2) Read and check every volume.
+            t = time.perf_counter()
+            contexts = _load_contexts(pairs, args.task)
+            labels = _resolve_labels(contexts, requested) if args.task == "seg" else []
+            target_imgs = []
+            for tp in targets:
+                what = f"target {tp.name}" if batch else "target"
+                img = load_volume(tp, what)
+                check_volume_content(img, what, tp)
+                target_imgs.append(img)
+            spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
 
-    # 4) Run: one forward per label chunk (binary: one), per target.
-    chunk = len(labels) if args.label_batch == 0 else max(1, args.label_batch)
-    chunks = [labels[i : i + chunk] for i in range(0, len(labels), chunk)] if labels else [[]]
-    bar = tqdm(
-        total=len(targets) * len(chunks),
-        desc="vicl-fast predict",
-        unit="pass",
-        disable=args.quiet,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-    for timg, opath in zip(target_imgs, outs):
-        tv, tm = preprocess_image(timg, spacing=spacing, grid=grid, crop=args.crop)
-        probs = []
-        for ch in chunks:
-            B = max(1, len(ch))
-            t = torch.from_numpy(tv)[None, None].expand(B, 1, *grid).contiguous().to(dev)
-            cin = ci_t.expand(B, *ci_t.shape[1:])
+            # 3) Contexts on the model grid (shared by every target).
+            ctx_in, ctx_lab = [], []
+            for c in contexts:
+                v, m = preprocess_image(c.image, spacing=spacing, grid=grid, crop=args.crop)
+                ctx_in.append(v)
+                if args.task == "seg":
+                    lab, _ = preprocess_label(c.label, mapping=m)
+                    ctx_lab.append(lab)
+                else:
+                    out_v, _ = preprocess_image(c.label, mapping=m)  # same geometry as its image
+                    ctx_lab.append(out_v)
             if args.task == "seg":
-                co = torch.from_numpy(
-                    np.stack([np.stack([(lab == v) for lab in ctx_lab]) for v in ch]).astype(np.float32)
-                )[:, :, None]
-            else:
-                co = torch.from_numpy(np.stack(ctx_lab))[None, :, None]
-            y = model.predict(t, cin, co, l=mini)
-            probs.append(y[:, 0].float().cpu().numpy())
-            bar.update(1)
-        pred = np.concatenate(probs, axis=0)  # (K, *G)
-        if args.task == "seg":
-            best = pred.argmax(0)
-            grid_map = np.where(pred.max(0) > args.threshold, np.asarray(labels)[best], 0)
-            dtype = np.uint8 if max(labels) <= 255 else np.uint16
-            out = to_original(grid_map.astype(dtype), tm, kind="label")
-            second = None
-        else:
-            out = to_original(pred[0], tm, kind="image")
-            if args.output_intensity == "target":
-                lo, hi = tm.intensity or (0.0, 1.0)
-                out = out * (hi - lo) + lo
-            dtype = np.float32
-            second = out
-        save_nifti(out.astype(dtype), timg.affine, opath, header=timg.header, dtype=dtype)
-        if args.preview is not None:
-            ppath = previews[outs.index(opath)]
-            from vicl_fast.preview import save_preview
+                for ci, lab in enumerate(ctx_lab, start=1):
+                    for v in labels:
+                        if not np.any(lab == v):
+                            raise BadLabelError(
+                                f"label {v} of context {ci} vanishes on the model grid (structure smaller "
+                                f"than a voxel at --spacing {args.spacing}); use a finer --spacing/--grid"
+                            )
+            ci_t = torch.from_numpy(np.stack(ctx_in))[None, :, None]  # (1, L, 1, *G)
+            secs["read"] += time.perf_counter() - t
 
-            save_preview(ppath, timg, labels=out if args.task == "seg" else None, second=second)
-        if not args.quiet:
-            bar.write(f"wrote {opath}")
-    bar.close()
-    return EXIT_OK
+            t = time.perf_counter()
+            model = load_model(args.model, device, trust_checkpoint=args.trust_checkpoint)
+            dev = torch.device(device)
+            chunk = len(labels) if args.label_batch == 0 else max(1, args.label_batch)
+            chunks = [labels[i : i + chunk] for i in range(0, len(labels), chunk)] if labels else [[]]
+            B = max(1, max(len(ch) for ch in chunks))
+
+            # 4) Memory: estimate before running; refuse what cannot fit, size mini-contexts.
+            vox = int(np.prod(grid))
+            host = (B * (L + 4) * vox * 4) if dev.type == "cpu" else 0  # per-pass host buffers
+            plan = plan_inference_memory(model, grid, L, batch=B, l=mini, device=dev, extra_bytes=host)
+            gtxt = "x".join(str(g) for g in grid)
+            if not plan.fits:
+                if plan.max_fit >= 1:
+                    raise InsufficientMemoryError(
+                        f"out of memory (estimated): --mini-context {plan.l} needs about "
+                        f"{_gib(plan.need_bytes)} but {_gib(plan.free_bytes)} is available on {device}; "
+                        f"use --mini-context {plan.max_fit} (or auto)"
+                    )
+                lb = ", --label-batch 1" if B > 1 else ""
+                raise InsufficientMemoryError(
+                    f"out of memory (estimated): grid {gtxt} with {L} context(s) and {B} label(s) per pass "
+                    f"needs about {_gib(plan.min_bytes)} even with --mini-context 1, but "
+                    f"{_gib(plan.free_bytes)} is available on {device}; use a smaller --grid{lb}, or "
+                    + ("--device cpu" if dev.type == "cuda" else "a machine with more memory")
+                )
+            note = _device_note(args.device, device)
+            if verbose and note:
+                say(f"vicl-fast: device {device} ({note})")
+
+            # 5) Run: one forward per label chunk (binary: one), per target.
+            steps_per_pass = L + 2
+            bar = tqdm(
+                total=len(targets) * len(chunks) * steps_per_pass,
+                desc="vicl-fast predict",
+                unit="step",
+                disable=not (verbose and sys.stderr.isatty()),
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0,  # steps are whole network stages: show each
+            )
+            hooks = _progress_hooks(model, bar.update) if not bar.disable else contextlib.nullcontext()
+            fractions = []
+            secs["model"] += time.perf_counter() - t
+            with hooks:
+                for timg, tpath, opath in zip(target_imgs, targets, outs):
+                    t = time.perf_counter()
+                    tv, tm = preprocess_image(timg, spacing=spacing, grid=grid, crop=args.crop)
+                    probs = []
+                    for ch in chunks:
+                        Bc = max(1, len(ch))
+                        tt = torch.from_numpy(tv)[None, None].expand(Bc, 1, *grid).contiguous().to(dev)
+                        cin = ci_t.expand(Bc, *ci_t.shape[1:])
+                        if args.task == "seg":
+                            co = torch.from_numpy(
+                                np.stack([np.stack([(lab == v) for lab in ctx_lab]) for v in ch]).astype(
+                                    np.float32
+                                )
+                            )[:, :, None]
+                        else:
+                            co = torch.from_numpy(np.stack(ctx_lab))[None, :, None]
+                        y = model.predict(tt, cin, co, l=plan.l)
+                        probs.append(y[:, 0].float().cpu().numpy())
+                        del y, tt
+                    secs["model"] += time.perf_counter() - t
+                    t = time.perf_counter()
+                    pred = np.concatenate(probs, axis=0)  # (K, *G)
+                    if args.task == "seg":
+                        best = pred.argmax(0)
+                        grid_map = np.where(pred.max(0) > args.threshold, np.asarray(labels)[best], 0)
+                        dtype = np.uint8 if max(labels) <= 255 else np.uint16
+                        out = to_original(grid_map.astype(dtype), tm, kind="label")
+                        second = None
+                        frac = float(np.count_nonzero(out)) / out.size
+                        fractions.append(frac)
+                        if frac == 0:
+                            warnings.append(
+                                f"the segmentation of {tpath.name} is empty (no voxel above --threshold "
+                                f"{args.threshold:g}); check that the contexts show the target's structure "
+                                "and modality"
+                            )
+                        elif frac >= FULL_FOV_WARNING:
+                            warnings.append(
+                                f"the segmentation of {tpath.name} covers {frac:.0%} of the field of view; "
+                                "check the contexts and --threshold"
+                            )
+                        if frac == 0 or frac >= FULL_FOV_WARNING:
+                            say(f"vicl-fast: warning: {warnings[-1]}")
+                    else:
+                        out = to_original(pred[0], tm, kind="image")
+                        if args.output_intensity == "target":
+                            lo, hi = tm.intensity or (0.0, 1.0)
+                            out = out * (hi - lo) + lo
+                        dtype = np.float32
+                        second = out
+                    try:
+                        save_nifti(out.astype(dtype), timg.affine, stager.path(opath), header=timg.header,
+                                   dtype=dtype)
+                        if args.preview is not None:
+                            from vicl_fast.preview import save_preview
+
+                            save_preview(stager.path(previews[outs.index(opath)]), timg,
+                                         labels=out if args.task == "seg" else None, second=second)
+                    except OSError as exc:
+                        raise OutputError(f"cannot write the output for {tpath.name}: "
+                                          f"{exc.strerror or exc}") from None
+                    secs["write"] += time.perf_counter() - t
+            bar.close()
+            t = time.perf_counter()
+            stager.commit()
+            secs["write"] += time.perf_counter() - t
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_oom(exc):
+            raise
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        where = ""
+        if plan is not None:
+            where = (
+                f" (grid {'x'.join(str(g) for g in grid)}, {L} context(s), mini-context {plan.l}, "
+                f"{B} label(s) per pass; estimated {_gib(plan.need_bytes)}, "
+                f"{_gib(plan.free_bytes)} available)"
+            )
+        alt = "--device cpu" if device.startswith("cuda") else "a machine with more memory"
+        raise InsufficientMemoryError(
+            f"out of memory on {device} while running{where}: try --mini-context 1, a smaller --grid, "
+            f"or {alt}"
+        ) from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+    total = time.perf_counter() - t_start
+    if verbose:
+        for o in [*outs, *previews]:
+            print(f"vicl-fast: wrote {o}", file=sys.stderr)
+        n = len(outs)
+        print(
+            f"vicl-fast: done: {n} output{'s' if n != 1 else ''} in {total:.2f} s on {device} "
+            f"(read {secs['read']:.2f} s, model {secs['model']:.2f} s, write {secs['write']:.2f} s; "
+            f"mini-context {plan.l})",
+            file=sys.stderr,
+        )
+    return {
+        "outputs": [str(o) for o in outs],
+        "previews": [str(p) for p in previews],
+        "device": device,
+        "device_note": _device_note(args.device, device),
+        "mini_context": plan.l,
+        "memory": {"estimated_bytes": plan.need_bytes, "available_bytes": plan.free_bytes},
+        "foreground_fraction": fractions,
+        "warnings": warnings,
+        "seconds": {"total": round(total, 3), **{k: round(v, 3) for k, v in secs.items()}},
+    }
 
 
 def _preview_path(arg: str, out: Path, batch: bool) -> Path:
@@ -586,7 +857,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mini-context",
         default="auto",
-        help="APSP mini-context size: 'auto' (fits free memory), 'all', or N (default auto)",
+        help="APSP mini-context size: 'auto' (the largest that fits the free memory, from an estimate), "
+        "'all', or N (default auto); a size that cannot fit is refused (exit 10)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument(
@@ -614,7 +886,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="write a PNG preview (three slices with overlay); default name <out>.png; "
         "a folder in batch mode",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar, device or timing lines (warnings still shown)",
+    )
     p.set_defaults(func=_predict)
 
 
@@ -683,9 +960,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err("interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the console never shows a raw traceback
-        import torch
-
-        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        if _is_oom(exc):
             _err("out of memory: try --mini-context 1, a smaller --grid, or --device cpu")
             return EXIT_OOM
         if os.environ.get("VICL_FAST_DEBUG", "0") == "1":

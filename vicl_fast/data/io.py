@@ -38,6 +38,7 @@ __all__ = [
     "BadModelError",
     "OutputError",
     "DeviceError",
+    "InsufficientMemoryError",
     "is_nifti_path",
     "nifti_stem",
     "load_nifti",
@@ -46,7 +47,10 @@ __all__ = [
     "load_dicom_series",
     "load_volume",
     "check_same_grid",
+    "check_volume_content",
     "atomic_write",
+    "default_file_mode",
+    "OutputStager",
     "save_nifti",
 ]
 
@@ -101,6 +105,12 @@ class DeviceError(InputError):
     exit_code = 9
 
 
+class InsufficientMemoryError(InputError):
+    """The request does not fit the memory of the device, estimated or met while running (exit code 10)."""
+
+    exit_code = 10
+
+
 def is_nifti_path(path: str | os.PathLike) -> bool:
     """Whether ``path`` ends in ``.nii`` or ``.nii.gz`` (case-insensitive)."""
     return str(path).lower().endswith(NIFTI_SUFFIXES)
@@ -149,6 +159,10 @@ def load_nifti(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
     shape = data.shape
     if len(shape) > 3 and all(s == 1 for s in shape[3:]):
         data = data.reshape(shape[:3])
+    elif len(shape) < 3:
+        raise BadImageError(
+            f"{what} {p} is a 2D image (shape {tuple(shape)}); vicl-fast needs a 3D volume (X, Y, Z)"
+        )
     elif len(shape) != 3:
         raise BadImageError(
             f"{what} {p} has shape {tuple(shape)}: expected a 3D volume; split 4D series "
@@ -364,13 +378,72 @@ def check_same_grid(
         )
 
 
+#: A volume whose standard deviation is below this fraction of its range (max - min) is "nearly
+#: constant": a few odd voxels in a blank scan. Scale-free, so a small dynamic range is fine.
+CONSTANT_STD_FRACTION = 1e-4
+
+
+def check_volume_content(img: nib.spatialimages.SpatialImage, what: str, path: str | os.PathLike) -> None:
+    """Refuse an image that cannot be a scan for in-context inference (:class:`BadImageError`).
+
+    - a single slice (a dimension of size 1): a 2D image, not a 3D volume;
+    - constant: every voxel equal (all-zero included), or nearly so: a standard deviation below
+      :data:`CONSTANT_STD_FRACTION` of the range. The model would otherwise invent a result.
+
+    Meant for images (targets, context images, generation outputs), not label maps.
+    """
+    shape = tuple(int(s) for s in img.shape[:3])
+    if min(shape) <= 1:
+        raise BadImageError(
+            f"{what} {path} is a single slice (shape {shape}), a 2D image; vicl-fast predict needs "
+            "a 3D volume (X, Y, Z)"
+        )
+    data = np.asanyarray(img.dataobj)
+    lo, hi = float(np.min(data)), float(np.max(data))
+    if hi == lo:
+        raise BadImageError(
+            f"{what} {path} is constant (every voxel is {lo:g}): a blank scan, from which the model "
+            "would invent a result; check the file"
+        )
+    # Two passes by slab (float64 accumulation without a float64 copy of the whole volume).
+    n = data.size
+    slabs = [data[..., k : k + 8] for k in range(0, data.shape[-1], 8)]
+    mean = sum(float(np.sum(s, dtype=np.float64)) for s in slabs) / n
+    var = sum(float(np.sum((np.asarray(s, np.float64) - mean) ** 2)) for s in slabs) / n
+    if var ** 0.5 < CONSTANT_STD_FRACTION * (hi - lo):
+        raise BadImageError(
+            f"{what} {path} is nearly constant (std {var ** 0.5:.3g} for a range {lo:g}..{hi:g}: a few "
+            "odd voxels in a blank scan), from which the model would invent a result; check the file"
+        )
+
+
+def default_file_mode() -> int:
+    """The mode a new file gets from ``open()`` here: ``0o666`` minus the process umask.
+
+    Read from ``/proc/self/status`` when possible (setting and restoring the umask to read it is
+    not thread-safe).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it onto ``path`` only on success.
 
     The temporary name keeps the destination's suffix (``.nii.gz``, ``.png``) so
     writers that pick a format from the name behave as for ``path``. On any
-    exception, the temporary file is removed and ``path`` is left untouched.
+    exception, the temporary file is removed and ``path`` is left untouched. The
+    file gets the mode ``open()`` would give it (0o666 minus the umask), not
+    ``mkstemp``'s private 0o600.
     """
     dst = Path(path)
     parent = dst.parent if str(dst.parent) else Path(".")
@@ -386,11 +459,123 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, default_file_mode())
         os.replace(tmp_path, dst)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+
+
+class OutputStager:
+    """Stage every output of a run, and move them into place only when all were written.
+
+    ``OutputStager(paths)`` checks the destinations and creates one hidden folder
+    (``.vicl-fast-staging-*``) beside them per destination folder: on the same file system, so
+    the final :func:`os.replace` is atomic, and a real test that the folder is writable, done
+    before any compute. A destination folder that does not exist yet but whose parent does (a
+    batch ``--out`` folder) is staged in that parent and created at :meth:`commit`.
+
+    Write each output to :meth:`path` (e.g. with :func:`save_nifti`), then call :meth:`commit`.
+    :meth:`abort` (also on leaving the ``with`` block without a commit, whatever the exception,
+    KeyboardInterrupt included) removes everything staged: nothing partial is left behind.
+
+    Raises:
+        OutputError: a destination folder that is missing or not writable, a destination that is a
+            folder, or a failure while moving the outputs into place.
+    """
+
+    _PREFIX = ".vicl-fast-staging-"
+
+    def __init__(self, paths: "list[str | os.PathLike]"):
+        self._dest = [Path(p) for p in paths]
+        self._stage: dict[Path, Path] = {}  # staging root -> staging folder
+        self._staged: list[Path] = []
+        self._create: set[Path] = set()
+        self.committed = False
+        roots = []
+        for d in self._dest:
+            if d.is_dir():
+                raise OutputError(f"output {d} is a folder; give a file name")
+            parent = d.parent if str(d.parent) else Path(".")
+            if parent.is_dir():
+                root = parent
+            elif parent.parent.is_dir() and not parent.exists():
+                root = parent.parent
+                self._create.add(parent)
+            else:
+                raise OutputError(f"output folder {parent} does not exist; create it first")
+            roots.append(root)
+        try:
+            for root in dict.fromkeys(roots):
+                try:
+                    self._stage[root] = Path(tempfile.mkdtemp(prefix=self._PREFIX, dir=root))
+                except OSError as exc:
+                    raise OutputError(
+                        f"output folder {root} is not writable ({exc.strerror or exc}); "
+                        "choose another --out / --preview location"
+                    ) from None
+        except BaseException:
+            self.abort()
+            raise
+        for i, (d, root) in enumerate(zip(self._dest, roots)):
+            self._staged.append(self._stage[root] / f"{i:04d}-{d.name}")  # keeps the suffix
+
+    def path(self, dest: "str | os.PathLike") -> Path:
+        """Where to write ``dest`` now (a file in a staging folder, same name suffix)."""
+        return self._staged[self._dest.index(Path(dest))]
+
+    def commit(self) -> list[Path]:
+        """Move every staged output onto its destination (all must have been written); returns them.
+
+        Ctrl-C during the moves (milliseconds) is held back until they are done.
+        """
+        import signal
+
+        missing = [d for d, s in zip(self._dest, self._staged) if not s.is_file()]
+        if missing:
+            raise OutputError(f"output {missing[0]} was not written")
+        held: list[int] = []
+        try:
+            old = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        except ValueError:  # not the main thread
+            old = None
+        try:
+            for folder in sorted(self._create):
+                folder.mkdir(exist_ok=True)
+            for s, d in zip(self._staged, self._dest):
+                try:
+                    os.replace(s, d)
+                except OSError as exc:
+                    raise OutputError(
+                        f"cannot move the output into place at {d}: {exc.strerror or exc}"
+                    ) from None
+            self.committed = True
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+            self._cleanup()
+        if held:
+            raise KeyboardInterrupt
+        return list(self._dest)
+
+    def abort(self) -> None:
+        """Remove everything staged (safe to call more than once)."""
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        import shutil
+
+        for folder in self._stage.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        self._stage = {}
+
+    def __enter__(self) -> "OutputStager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.committed:
+            self.abort()
 
 
 def save_nifti(

@@ -17,8 +17,10 @@ folder or none (leftover ``.tmp-*`` folders are ignored and cleaned). Loading
 checks the JSON and the hashes first and refuses a corrupt or truncated
 checkpoint with a :class:`CheckpointError` naming the file.
 
-Kept: the last ``keep_last`` step folders, plus ``best/`` (hard links, the best
-validation so far).
+Kept: the last ``keep_last`` step folders, plus ``best/``: a copy (not hard links, so
+damage to one file cannot reach the other) of the best validation so far, written
+under a temporary name and renamed like a step folder. Files get the mode ``open()``
+gives (0o666 minus the umask; safetensors alone would write 0o600).
 """
 from __future__ import annotations
 
@@ -141,6 +143,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _file_mode() -> int:
+    """0o666 minus the umask: the mode ``open()`` gives a new file."""
+    from vicl_fast.data.io import default_file_mode
+
+    return default_file_mode()
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -189,6 +198,7 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, model: torch.nn
         tree = split_tensors(states, "s", tensors)
         save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": "pt"})
         for f in ("model.safetensors", "state.safetensors"):
+            os.chmod(tmp / f, _file_mode())  # safetensors creates 0o600 whatever the umask
             _fsync_file(tmp / f)
         doc = {"format": FORMAT, "step": int(step), "model": model_name, "model_kwargs": model_kwargs,
                "states": tree, "meta": meta or {},
@@ -249,19 +259,26 @@ def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
 
 
 def update_best(root: str | os.PathLike, ckpt: Path) -> Path:
-    """Make ``<root>/best/`` a copy (hard links when possible) of ``ckpt``, atomically."""
+    """Make ``<root>/best/`` an independent copy of ``ckpt``, atomically.
+
+    A copy, not hard links: a file damaged in place (or rewritten by a tool that does not
+    replace files) in one folder must not damage the other. Written under a temporary name,
+    fsynced, then renamed over the old ``best/``.
+    """
     root = Path(root)
     best = root / "best"
     tmp = root / f".tmp-best-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for f in ckpt.iterdir():
-        try:
-            os.link(f, tmp / f.name)
-        except OSError:
+    try:
+        for f in ckpt.iterdir():
             shutil.copy2(f, tmp / f.name)
-    _fsync_dir(tmp)
-    _replace_dir(tmp, best)
+            _fsync_file(tmp / f.name)
+        _fsync_dir(tmp)
+        _replace_dir(tmp, best)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return best
 
 

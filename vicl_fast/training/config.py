@@ -330,10 +330,25 @@ def family_defaults(cfg: Config) -> Config:
     return cfg
 
 
+def _check_model_name(name: str) -> None:
+    """A model name of the registry, or a ConfigError naming the closest ones (before any data is read)."""
+    import difflib
+
+    from vicl_fast.models import list_models
+
+    known = list_models()
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(f"model.name: unknown model {name!r}{hint} (known: {', '.join(known)})")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no data on disk (those that do are in :mod:`.datasets`)."""
     if not cfg.model.name:
         raise ConfigError("model.name is missing; e.g. 'neuroverse3d', 'neuroverse3d_tiny', 'randp_vit_b'")
+    _check_model_name(cfg.model.name)
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty; list at least one {name, path} (path: demo for the "
                           "embedded demo MRI)")
