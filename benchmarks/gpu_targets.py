@@ -158,7 +158,7 @@ def sec_ceilings(r: Run) -> dict:
     dt = torch.bfloat16 if r.cuda else torch.float32
     a, b = torch.randn(k, k, device=r.device, dtype=dt), torch.randn(k, k, device=r.device, dtype=dt)
     ms_mm = r.median_ms(lambda: a @ b, reps=10 if r.cuda else 3)
-    del x, y, a, b
+    x = y = a = b = None  # free before the next section (the closures above are done)
     _free()
     return {"copy_gb_per_s": round(bw, 1), "matmul_tflops": round(2 * k ** 3 / ms_mm / 1e9, 1),
             "matmul": f"{k}^3 {str(dt).replace('torch.', '')} random"}
@@ -315,7 +315,7 @@ def sec_neuroverse3d(r: Run) -> dict:
         if "fast_ms" in cell and "reference_ms" in cell:
             cell["speedup"] = cell["reference_ms"] / cell["fast_ms"]
         out["cells"].append(cell)
-        del t, ci, co
+        t = ci = co = None
         _free()
         r.save()
 
@@ -335,7 +335,7 @@ def sec_neuroverse3d(r: Run) -> dict:
     r.target("nv3d_flat", "Neuroverse3D 128^3 l=1 peak above resident, L=32 / L=1 (fast, bf16)", "<= 1.15",
              f"{b / a:.2f} ({a:.2f} -> {b:.2f} GiB)" if a and b else "unmeasured",
              None if not (a and b) else b / a <= 1.15)
-    del m
+    m = None
     _free()
     return out
 
@@ -374,7 +374,7 @@ def sec_randp(r: Run) -> dict:
                 cell[name] = {"ms_per_image": statistics.median(times[name]) / batch,
                               "peak_gib": _gib(None if above is None else own + above)}
         out["cells"].append(cell)
-        del models, inputs
+        models = inputs = None
         _free()
         r.save()
     rn, pn = names

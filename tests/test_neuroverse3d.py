@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from _oracles import count_forward_flops
 from vicl_fast.models import create_model
 from vicl_fast.models import neuroverse3d as nv3d
 from vicl_fast.models.neuroverse3d import Neuroverse3D
@@ -183,17 +183,8 @@ def test_conv_macs_formula_matches_flop_counter():
     # with the analytic formula, both paths, target part and per-context part.
     with torch.device("meta"):
         m = Neuroverse3D()
-        S = (64, 64, 64)
-        t = torch.empty(1, 1, *S)
-        counted = {}
-        for fast in (False, True):
-            for L in (1, 2):
-                ci = torch.empty(1, L, 1, *S)
-                fc = FlopCounterMode(display=False)
-                m.check_finite = False
-                with fc, torch.no_grad():
-                    m(t, ci, ci, fast=fast)
-                counted[fast, L] = fc.get_total_flops()
+    S = (64, 64, 64)
+    counted, _ = count_forward_flops(m, S[0])
     for fast in (False, True):
         macs = m.conv_macs(S, 1, fast=fast)
         per_ctx = (counted[fast, 2] - counted[fast, 1]) // 2

@@ -9,16 +9,16 @@ Every test needs a GPU (module-level ``gpu`` marker: skipped without one).
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 import vicl_fast.ops.assignment as assignment_mod
 from vicl_fast import _ext
 from vicl_fast.ops import randp_kernels as rk
 from vicl_fast.ops.assignment import matching_permutation
 from vicl_fast.ops.retrieve import match_tokens, retrieve_and_propagate, retrieve_and_propagate_reference
+
+from _oracles import cos64, scipy_perm
 
 pytestmark = pytest.mark.gpu
 
@@ -51,26 +51,9 @@ def _inputs(P, Q, seed=0):
     return [t.cuda() for t in t32], [t.double() for t in t32]
 
 
-def _cos64(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    an = a / a.norm(dim=-1, keepdim=True)
-    bn = b / b.norm(dim=-1, keepdim=True)
-    return an @ bn.transpose(1, 2)  # (B, P, Q) similarity
-
-
 def _total(sim, perm):
     """(B,) float64 total similarity of a matching."""
     return sim.gather(1, perm.cpu()[:, None, :]).sum((1, 2))
-
-
-def _scipy_perm(sim):
-    out = []
-    for s in sim.numpy():
-        r, c = scipy_lsa(-s)
-        perm = np.empty(s.shape[1], dtype=np.int64)
-        perm[c] = r
-        out.append(perm)
-    return torch.from_numpy(np.stack(out))
 
 
 def _run(inputs, g_out, autocast_dtype=None, **kw):
@@ -113,7 +96,7 @@ def _check_matching(mode, perm, x_pi, x_qi):
     P, Q = x_pi.shape[1], x_qi.shape[1]
     assert perm.device.type == "cuda" and perm.dtype == torch.int64 and perm.shape == (B, Q)
     assert int(perm.min()) >= 0 and int(perm.max()) < P
-    sim = _cos64(x_pi, x_qi)
+    sim = cos64(x_pi, x_qi)
     if mode == "hungarian":
         for row in perm.cpu():
             assert len(set(row.tolist())) == Q  # one-to-one
@@ -126,7 +109,7 @@ def _check_matching(mode, perm, x_pi, x_qi):
         # the whole CPU pipeline (cost and solver on the CPU).
         bound = 2 * Q * COS_TOL
         ours = _total(sim, perm)
-        torch.testing.assert_close(ours, _total(sim, _scipy_perm(sim)), rtol=0, atol=bound)
+        torch.testing.assert_close(ours, _total(sim, scipy_perm(sim)), rtol=0, atol=bound)
         torch.testing.assert_close(ours, _total(sim, match_tokens(x_pi.cpu(), x_qi.cpu(), "hungarian")),
                                    rtol=0, atol=bound)
     else:
@@ -232,12 +215,12 @@ def test_cuda_nan_token_gives_nan_rows_without_device_assert(mode, impl, kernels
     assert torch.isnan(out[bad_item]).all()
     # The healthy items: as if item 1 did not exist, float64 on the CPU with the CPU's matching.
     sub64 = [t[good] for t in inputs64[:4]] + inputs64[4:]
-    sim = _cos64(sub64[0], sub64[2])
+    sim = cos64(sub64[0], sub64[2])
     if mode == "hungarian":
         cost = rk.cosine_cost(inputs[0], inputs[2])[good]  # the costs the solver saw (item 1's hold NaN)
         assert torch.isfinite(cost).all()
         assert torch.equal(perm[good].cpu(), matching_permutation(cost.cpu()))
-        torch.testing.assert_close(_total(sim, perm[good]), _total(sim, _scipy_perm(sim)),
+        torch.testing.assert_close(_total(sim, perm[good]), _total(sim, scipy_perm(sim)),
                                    rtol=0, atol=2 * Q * COS_TOL)
     else:
         chosen = sim.gather(1, perm[good].cpu()[:, None, :])[:, 0]

@@ -1,14 +1,14 @@
 """retrieve_and_propagate: fast form == literal form, matching semantics, precision, errors."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 import vicl_fast.ops.retrieve as retrieve_mod
 from vicl_fast.ops.retrieve import match_tokens, retrieve_and_propagate, retrieve_and_propagate_reference
+
+from _oracles import cos64, scipy_perm
 
 
 def _tokens(B=2, P=9, Q=9, D=8, dtype=torch.float64, grad=True):
@@ -17,23 +17,6 @@ def _tokens(B=2, P=9, Q=9, D=8, dtype=torch.float64, grad=True):
     w = (torch.randn(D, 4 * D, generator=g, dtype=dtype) / (2 * D) ** 0.5).requires_grad_(grad)
     b = torch.randn(D, generator=g, dtype=dtype).requires_grad_(grad)
     return mk(P), mk(P), mk(Q), mk(Q), w, b
-
-
-def _cos64(a, b):
-    an = a.detach().double() / a.detach().double().norm(dim=-1, keepdim=True)
-    bn = b.detach().double() / b.detach().double().norm(dim=-1, keepdim=True)
-    return an @ bn.transpose(1, 2)  # (B, P, Q)
-
-
-def _scipy_perm(sim):
-    """perm[b, q] = prompt row assigned to query column q, maximising the total similarity (float64)."""
-    out = []
-    for s in sim.numpy():
-        r, c = scipy_lsa(-s)
-        perm = np.empty(s.shape[1], dtype=np.int64)
-        perm[c] = r
-        out.append(perm)
-    return torch.from_numpy(np.stack(out))
 
 
 @pytest.mark.parametrize("mode", ["hungarian", "greedy"])
@@ -65,9 +48,9 @@ def test_hungarian_is_one_to_one_and_optimal():
     _, perm = retrieve_and_propagate(x_pi, x_pl, x_qi, x_ql, w, b, mode="hungarian", return_perm=True)
     for row in perm:  # every prompt token used exactly once
         assert sorted(row.tolist()) == list(range(16))
-    sim = _cos64(x_pi, x_qi)
+    sim = cos64(x_pi, x_qi)
     ours = sim.gather(1, perm[:, None, :]).sum((1, 2))
-    best = sim.gather(1, _scipy_perm(sim)[:, None, :]).sum((1, 2))
+    best = sim.gather(1, scipy_perm(sim)[:, None, :]).sum((1, 2))
     torch.testing.assert_close(ours, best, rtol=0, atol=1e-9)
 
 
@@ -88,7 +71,7 @@ def test_greedy_is_argmax_and_may_repeat_while_hungarian_does_not():
     x_pl, x_ql = torch.randn(B, N, D, generator=g, dtype=torch.float64), torch.zeros(B, N, D, dtype=torch.float64)
     w, b = torch.randn(D, 4 * D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
     _, pg = retrieve_and_propagate(x_pi, x_pl, x_qi, x_ql, w, b, mode="greedy", return_perm=True)
-    assert torch.equal(pg, _cos64(x_pi, x_qi).argmax(1))
+    assert torch.equal(pg, cos64(x_pi, x_qi).argmax(1))
     assert any(len(set(r.tolist())) < N for r in pg)  # repeats
     _, ph = retrieve_and_propagate(x_pi, x_pl, x_qi, x_ql, w, b, mode="hungarian", return_perm=True)
     assert all(len(set(r.tolist())) == N for r in ph)
@@ -119,7 +102,7 @@ def test_matching_is_a_constant_and_match_on_is_used():
     m_pi = torch.randn(2, 9, 5, generator=g, dtype=torch.float64, requires_grad=True)
     m_qi = torch.randn(2, 9, 5, generator=g, dtype=torch.float64, requires_grad=True)
     out, perm = retrieve_and_propagate(x_pi, x_pl, x_qi, x_ql, w, b, match_on=(m_pi, m_qi), return_perm=True)
-    assert torch.equal(perm, _scipy_perm(_cos64(m_pi, m_qi)))
+    assert torch.equal(perm, scipy_perm(cos64(m_pi, m_qi)))
     out.sum().backward()
     assert m_pi.grad is None and m_qi.grad is None  # no gradient through the matching
     assert x_pi.grad is not None and x_pl.grad is not None
@@ -134,7 +117,7 @@ def test_similarity_in_float32_under_autocast(monkeypatch):
     u = F.normalize(torch.randn(D, generator=g, dtype=torch.float64), dim=0)
     x_pi = (u + delta * torch.randn(N, D, generator=g, dtype=torch.float64))[None].float()
     x_qi = (u + delta * torch.randn(N, D, generator=g, dtype=torch.float64))[None].float()
-    sim = _cos64(x_pi, x_qi)
+    sim = cos64(x_pi, x_qi)
     totals = sorted(float(sum(sim[0, p[q], q] for q in range(N))) for p in itertools.permutations(range(N)))
     assert totals[-1] - totals[-2] > 1e-6  # a unique optimum, by a float32-resolvable margin
     seen = {}
@@ -151,7 +134,7 @@ def test_similarity_in_float32_under_autocast(monkeypatch):
     cost = seen["cost"]
     assert cost.dtype == torch.float32
     torch.testing.assert_close(cost.double(), -sim, rtol=0, atol=1e-6)
-    assert torch.equal(perm, _scipy_perm(sim))
+    assert torch.equal(perm, scipy_perm(sim))
     assert torch.equal(perm_greedy, sim.argmax(1))
     # Sanity: a bfloat16 similarity errs by more than the optimality margin.
     sim_bf16 = F.normalize(x_pi.bfloat16(), dim=-1) @ F.normalize(x_qi.bfloat16(), dim=-1).transpose(1, 2)
@@ -222,7 +205,7 @@ def test_reference_failed_matching_gives_nan_rows(monkeypatch, device):
     assert torch.isfinite(out[good]).all()
     # The other items: as if batch item 1 did not exist (float64 CPU recomputation, scipy matching).
     args64 = [t[good].double().cpu() for t in (x_pi, x_pl, x_qi, x_ql)]
-    want_perm = _scipy_perm(_cos64(args64[0], args64[2]))
+    want_perm = scipy_perm(cos64(args64[0], args64[2]))
     assert torch.equal(perm[good].cpu(), want_perm)
     want = retrieve_and_propagate_reference(*args64, w.double().cpu(), b.double().cpu(), want_perm)
     torch.testing.assert_close(out[good].double().cpu(), want, rtol=1e-5, atol=1e-5)

@@ -399,7 +399,6 @@ def _junit_summary(path: Path) -> dict:
 
 
 def stage_tests(ctx: Ctx) -> dict:
-    t = budget(ctx, "tests")
     junit = ctx.work / "junit_gpu.xml"
     cmd = [ctx.python, "-m", "pytest", "tests", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
            f"--junitxml={junit}", "-o", "junit_family=xunit2", "-o", "faulthandler_timeout=60",
@@ -687,7 +686,6 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Ctx(out=out, work=work, dry_run=a.dry_run, deadline=time.monotonic() + a.budget,
               python=os.environ.get("PYTHON", sys.executable), env=env, wheels=Path(a.wheels),
               resume_dir=Path(a.resume_dir), started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), stages=stages)
-    started = ctx.started
     print(f"gpu_pass: stages {', '.join(stages)}; budget {a.budget:.0f} s; output {out}; work {work}"
           + (" (dry run)" if a.dry_run else ""), flush=True)
     failed = False
