@@ -279,6 +279,7 @@ def sec_fusion(r: Run) -> dict:
 
 
 def sec_neuroverse3d(r: Run) -> dict:
+    from bench_neuroverse3d import _inputs
     from vicl_fast.models.neuroverse3d import Neuroverse3D
 
     _require_triton(r)
@@ -290,13 +291,9 @@ def sec_neuroverse3d(r: Run) -> dict:
     if r.cuda:
         m = m.to(memory_format=torch.channels_last_3d)
     out: dict = r.section_result({"side": side, "channels": list(getattr(m, "channels", []) or []), "cells": []})
-    g = torch.Generator().manual_seed(0)
     runs = [(L, l, "bf16") for L, l in cells] + ([] if r.tiny else [(8, 1, "fp32")])
     for L, l, dt in runs:
-        S = (side,) * 3
-        t = torch.rand(1, 1, *S, generator=g).to(r.device)
-        ci = torch.rand(1, L, 1, *S, generator=g).to(r.device)
-        co = (torch.rand(1, L, 1, *S, generator=g) > 0.5).float().to(r.device)
+        t, ci, co = _inputs(side, L, r.device)
         cell: dict = {"L": L, "l": l, "dtype": dt}
         amp = torch.autocast(r.device, dtype=torch.bfloat16, enabled=dt == "bf16" and r.cuda)
         for path in ("fast", "reference"):

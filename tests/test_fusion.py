@@ -412,14 +412,10 @@ def test_prune_and_size_bucket(monkeypatch):
     pruned (fp32 needs twice bf16's bytes); the volume size bucket steps every 8x in voxels."""
     pytest.importorskip("triton")
     fc = importlib.import_module("vicl_fast.kernels.fusion_conv")
-    import triton
-
-    configs = [triton.Config(dict(BLOCK_P=p, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
-               for p, n, k, w, s in fc._GPU_CONFIGS]
+    configs = fc.gpu_configs()
     monkeypatch.setattr(fc, "_SMEM_FALLBACK", 232448)  # H100/H200 opt-in limit, for a CPU tensor
-    big = [(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in configs
-           if fc._config_smem(c, 4) > 232448]
-    assert (256, 64, 64, 3) in big  # 3 x (256*64 + 64*64) x 4 B x 1.1 = 270 KB
+    big = [fc.config_tuple(c) for c in configs if fc._config_smem(c, 4) > 232448]
+    assert (256, 64, 64, 8, 3) in big  # 3 x (256*64 + 64*64) x 4 B x 1.1 = 270 KB
     fp32 = fc._prune_configs(configs, {"C": 512, "x_ptr": torch.empty(1)})
     bf16 = fc._prune_configs(configs, {"C": 512, "x_ptr": torch.empty(1, dtype=torch.bfloat16)})
     assert all(fc._config_smem(c, 4) <= 232448 for c in fp32)
@@ -462,13 +458,8 @@ def test_gpu_every_config(dtype):
         pytest.skip("triton unavailable")
     fc = importlib.import_module("vicl_fast.kernels.fusion_conv")
     _assert_kernel_compiled()
-    import triton
-
     x, w, b, e = _make_inputs(1, 2, 80, (9, 10, 11), 1, dtype, device="cuda", layout="channels_last")
-    kept = {(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-            for c in fc._prune_configs([triton.Config(dict(BLOCK_P=p, BLOCK_N=n, BLOCK_K=k), num_warps=wa,
-                                                      num_stages=st) for p, n, k, wa, st in fc._GPU_CONFIGS],
-                                       {"C": 80, "x_ptr": x})}
+    kept = {fc.config_tuple(c) for c in fc._prune_configs(fc.gpu_configs(), {"C": 80, "x_ptr": x})}
     assert kept
     from triton.runtime.errors import OutOfResources
 

@@ -89,24 +89,53 @@ def free_memory_bytes(device: torch.device) -> int:
 
     CUDA: free device memory (``cudaMemGetInfo``) plus what PyTorch's caching
     allocator holds but does not use. CPU: ``MemAvailable`` of /proc/meminfo
-    (what the kernel can give without swapping), else physical pages free.
+    (what the kernel can give without swapping), else physical pages free;
+    capped by the room left under a cgroup memory limit (containers).
     """
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free + max(cached, 0))
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
-        return 8 << 30
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
+            free = 8 << 30
+    cg = _cgroup_free_bytes()
+    return free if cg is None else min(free, cg)
+
+
+def _cgroup_free_bytes() -> int | None:
+    """Room left under this process's cgroup memory limit (containers), or None when unlimited."""
+    for limit_f, usage_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                             ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                              "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_f) as f:
+                raw = f.read().strip()
+            with open(usage_f) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 60:
+            return None
+        return max(0, int(raw) - usage)
+    return None
+
+
+def _largest_fit(budget: float, fixed: int, per: int, contexts: int) -> int:
+    """Largest l in [0, contexts] with ``fixed + l * per <= budget``."""
+    return int(max(0, min(contexts, (budget - fixed) // max(per, 1))))
 
 
 def _elem_bytes(model, target: torch.Tensor) -> int:
@@ -155,8 +184,7 @@ def auto_mini_context(model, target: torch.Tensor, context_in: torch.Tensor, *, 
     device = next(model.parameters()).device
     fixed, per = estimate_memory(model, tuple(target.shape[2:]), target.shape[0], training=training,
                                  elem_bytes=_elem_bytes(model, target))
-    budget = safety * free_memory_bytes(device) - fixed
-    return int(max(1, min(context_in.shape[1], budget // max(per, 1))))
+    return max(1, _largest_fit(safety * free_memory_bytes(device), fixed, per, context_in.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -175,24 +203,6 @@ class MemoryPlan:
         return self.need_bytes <= self.free_bytes
 
 
-def _cgroup_free_bytes() -> int | None:
-    """Room left under this process's cgroup memory limit (containers), or None when unlimited."""
-    for limit_f, usage_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                             ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                              "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            with open(limit_f) as f:
-                raw = f.read().strip()
-            with open(usage_f) as f:
-                usage = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 60:
-            return None
-        return max(0, int(raw) - usage)
-    return None
-
-
 def plan_inference_memory(model, spatial: Sequence[int], contexts: int, *, batch: int = 1,
                           l: int | str | None = "auto", device: torch.device | str | None = None,
                           extra_bytes: int = 0, safety: float = 0.8) -> MemoryPlan:
@@ -201,8 +211,7 @@ def plan_inference_memory(model, spatial: Sequence[int], contexts: int, *, batch
     Bytes from :func:`estimate_memory` (the model's channels, the grid ``spatial``, ``batch``
     samples, the parameters' dtype) plus, per context, its image and label copied to the device,
     plus ``extra_bytes`` (what the caller will still allocate, e.g. its host buffers on the CPU).
-    Available memory: :func:`free_memory_bytes` (CUDA: free device memory; CPU: MemAvailable,
-    capped by a cgroup limit when there is one).
+    Available memory: :func:`free_memory_bytes`.
 
     ``l="auto"``: the largest l in [1, contexts] whose estimate fits ``safety`` x the available
     memory (at least 1); an int: ``min(l, contexts)``; None: all contexts at once. Whether the
@@ -216,20 +225,16 @@ def plan_inference_memory(model, spatial: Sequence[int], contexts: int, *, batch
     per += batch * (getattr(model, "in_channels", 1) + getattr(model, "out_channels", 1)) * voxels * elem
     fixed += int(extra_bytes)
     free = int(free_memory_bytes(dev))
-    if dev.type == "cpu":
-        cg = _cgroup_free_bytes()
-        if cg is not None:
-            free = min(free, cg)
     L = int(contexts)
     if l is None:
         size = L
     elif isinstance(l, str):
         if l != "auto":
             raise ValueError(f"l must be an int, None or 'auto', got {l!r}")
-        size = int(max(1, min(L, (safety * free - fixed) // max(per, 1))))
+        size = max(1, _largest_fit(safety * free, fixed, per, L))
     else:
         size = max(1, min(int(l), L))
-    max_fit = int(max(0, min(L, (free - fixed) // max(per, 1))))
+    max_fit = _largest_fit(free, fixed, per, L)
     return MemoryPlan(l=size, need_bytes=int(fixed + size * per), min_bytes=int(fixed + per),
                       free_bytes=free, max_fit=max_fit, device=str(dev))
 

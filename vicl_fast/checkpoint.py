@@ -65,10 +65,9 @@ def save_checkpoint(model: nn.Module | dict[str, torch.Tensor], path: str | os.P
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        # mkstemp creates 0600; a checkpoint is meant to be shared (umask-respecting 0644).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        from vicl_fast.data.io import default_file_mode
+
+        os.chmod(tmp, default_file_mode())  # mkstemp creates 0600; a checkpoint is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -639,7 +639,7 @@ def _run_predict(args: argparse.Namespace) -> dict[str, Any]:
             vox = int(np.prod(grid))
             host = (B * (L + 4) * vox * 4) if dev.type == "cpu" else 0  # per-pass host buffers
             plan = plan_inference_memory(model, grid, L, batch=B, l=mini, device=dev, extra_bytes=host)
-            gtxt = "x".join(str(g) for g in grid)
+            gtxt = "x".join(str(g) for g in grid)  # also in the out-of-memory message below
             if not plan.fits:
                 if plan.max_fit >= 1:
                     raise InsufficientMemoryError(
@@ -703,19 +703,17 @@ def _run_predict(args: argparse.Namespace) -> dict[str, Any]:
                         second = None
                         frac = float(np.count_nonzero(out)) / out.size
                         fractions.append(frac)
+                        warning = None
                         if frac == 0:
-                            warnings.append(
-                                f"the segmentation of {tpath.name} is empty (no voxel above --threshold "
-                                f"{args.threshold:g}); check that the contexts show the target's structure "
-                                "and modality"
-                            )
+                            warning = (f"the segmentation of {tpath.name} is empty (no voxel above --threshold "
+                                       f"{args.threshold:g}); check that the contexts show the target's "
+                                       "structure and modality")
                         elif frac >= FULL_FOV_WARNING:
-                            warnings.append(
-                                f"the segmentation of {tpath.name} covers {frac:.0%} of the field of view; "
-                                "check the contexts and --threshold"
-                            )
-                        if frac == 0 or frac >= FULL_FOV_WARNING:
-                            say(f"vicl-fast: warning: {warnings[-1]}")
+                            warning = (f"the segmentation of {tpath.name} covers {frac:.0%} of the field of "
+                                       "view; check the contexts and --threshold")
+                        if warning:
+                            warnings.append(warning)
+                            say(f"vicl-fast: warning: {warning}")
                     else:
                         out = to_original(pred[0], tm, kind="image")
                         if args.output_intensity == "target":
@@ -747,7 +745,7 @@ def _run_predict(args: argparse.Namespace) -> dict[str, Any]:
         where = ""
         if plan is not None:
             where = (
-                f" (grid {'x'.join(str(g) for g in grid)}, {L} context(s), mini-context {plan.l}, "
+                f" (grid {gtxt}, {L} context(s), mini-context {plan.l}, "
                 f"{B} label(s) per pass; estimated {_gib(plan.need_bytes)}, "
                 f"{_gib(plan.free_bytes)} available)"
             )

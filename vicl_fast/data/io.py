@@ -173,7 +173,9 @@ def load_nifti(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise BadImageError(f"{what} {p} has a singular or non-finite affine; fix its header")
-    if data is not img.dataobj and data.shape != img.shape:
+    if data is not img.dataobj:
+        # Keep the voxels just read (and checked) in the image: every later reader (content checks,
+        # label values, preprocessing) then uses them instead of decompressing the file again.
         img = nib.Nifti1Image(data, img.affine, header=img.header)
     return img
 

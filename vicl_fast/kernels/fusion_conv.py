@@ -40,6 +40,7 @@ shape: each compiles once, which keeps a correctness run short).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -197,18 +198,28 @@ def size_bucket(n_voxels: int) -> int:
     return max(0, (max(1, int(n_voxels)).bit_length() - 1) // 3)
 
 
-def _heuristic_config(C: int, x: torch.Tensor) -> tuple[int, int, int, int, int]:
+def gpu_configs() -> list:
+    """``_GPU_CONFIGS`` as ``triton.Config`` objects (the autotuner's candidates)."""
+    return [triton.Config(dict(BLOCK_P=p, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+            for p, n, k, w, s in _GPU_CONFIGS]
+
+
+def config_tuple(cfg) -> tuple[int, int, int, int, int]:
+    """(BLOCK_P, BLOCK_N, BLOCK_K, num_warps, num_stages) of a ``triton.Config``."""
+    kw = cfg.kwargs
+    return kw["BLOCK_P"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages
+
+
+@functools.lru_cache(maxsize=None)
+def _heuristic_config(C: int, dtype: torch.dtype, device_index: int) -> tuple[int, int, int, int, int]:
     """One config without autotuning (``VICL_FAST_TRITON_AUTOTUNE=0``: every shape compiles once,
     e.g. for correctness runs): the whole channel range in one tile up to 128 wide, else the
-    first config that survives :func:`_prune_configs`."""
+    first config that survives :func:`_prune_configs`. Cached: it is looked up at every launch."""
     cap = max(16, triton.next_power_of_2(int(C)))
     want = {16: (64, 16, 16, 4, 2), 32: (128, 32, 32, 4, 3), 64: (128, 64, 64, 4, 3)}.get(cap, (128, 128, 32, 8, 4))
-    configs = [triton.Config(dict(BLOCK_P=p, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
-               for p, n, k, w, s in _GPU_CONFIGS]
-    kept = _prune_configs(configs, {"C": C, "x_ptr": x})
-    tuples = [(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-              for c in kept]
-    return want if want in tuples else tuples[0]
+    probe = torch.empty(0, dtype=dtype, device=f"cuda:{device_index}")
+    kept = [config_tuple(c) for c in _prune_configs(gpu_configs(), {"C": C, "x_ptr": probe})]
+    return want if want in kept else kept[0]
 
 
 _forced_config: tuple[int, int, int, int, int] | None = None
@@ -232,9 +243,7 @@ _autotuned = None
 def _get_autotuned():
     global _autotuned
     if _autotuned is None:
-        configs = [triton.Config(dict(BLOCK_P=p, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
-                   for p, n, k, w, s in _GPU_CONFIGS]
-        _autotuned = triton.autotune(configs, key=["C", "N_BUCKET", "MODE", "HAS_EXTRA"],
+        _autotuned = triton.autotune(gpu_configs(), key=["C", "N_BUCKET", "MODE", "HAS_EXTRA"],
                                      prune_configs_by={"early_config_prune": _prune_configs},
                                      )(_fusion_block_forward_kernel)
     return _autotuned
@@ -315,7 +324,7 @@ def _launch(mode: int, x: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | N
         grid = (triton.cdiv(C, cfg["BLOCK_N"]) * L * triton.cdiv(N, cfg["BLOCK_P"]) * B,)
         _fusion_block_forward_kernel[grid](*args, **consts, **cfg)
     elif _forced_config is not None or os.environ.get("VICL_FAST_TRITON_AUTOTUNE", "1") == "0":
-        p, n, k, warps, stages = _forced_config or _heuristic_config(C, x)
+        p, n, k, warps, stages = _forced_config or _heuristic_config(C, x.dtype, x.device.index or 0)
         grid = (triton.cdiv(C, n) * L * triton.cdiv(N, p) * B,)
         with torch.cuda.device(x.device):
             _fusion_block_forward_kernel[grid](*args, **consts, BLOCK_P=p, BLOCK_N=n, BLOCK_K=k,

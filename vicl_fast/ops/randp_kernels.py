@@ -39,7 +39,7 @@ from vicl_fast import _ext
 __all__ = [
     "cosine_cost", "cosine_cost_reference",
     "gather_rows_add", "gather_rows_add_reference",
-    "scatter_rows_add_reference", "set_index_checks",
+    "scatter_rows_add_reference", "set_index_checks", "clamp_row_index",
 ]
 
 _CHECK_INDEX_ON_CUDA = os.environ.get("VICL_FAST_CHECK_INDEX", "0") == "1"
@@ -169,6 +169,18 @@ def cosine_cost(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Te
 
 # ----------------------------------------------------------------------------- gather / scatter
 
+def clamp_row_index(index: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index with every value outside [0, num_rows) replaced by 0, mask of the valid ones)``.
+
+    The no-sync way to gather with indices that may be -1 (a failed matching): gather the clamped
+    index, then blank the rows where the mask is False; a plain gather would hit PyTorch's
+    device-side assert on CUDA. index: (B, Q) integer -> ((B, Q) int64, (B, Q) bool).
+    """
+    index = index.long()
+    valid = (index >= 0) & (index < num_rows)
+    return torch.where(valid, index, 0), valid
+
+
 def gather_rows_add_reference(src: torch.Tensor, index: torch.Tensor,
                               add: torch.Tensor | None = None) -> torch.Tensor:
     """``out[b, q] = src[b, index[b, q]] (+ add[b, q])``, plain PyTorch (autograd via gather).
@@ -187,8 +199,8 @@ def gather_rows_add_reference(src: torch.Tensor, index: torch.Tensor,
     if index.is_cuda:
         # Unchecked indices (no host sync): gather a valid row in their place and
         # blank it; `add` still flows (and gets its gradient), as in the kernel.
-        valid = (index >= 0) & (index < src.shape[1])
-        out = torch.gather(src, 1, torch.where(valid, index, 0)[..., None].expand(-1, -1, src.shape[2]))
+        idx, valid = clamp_row_index(index, src.shape[1])
+        out = torch.gather(src, 1, idx[..., None].expand(-1, -1, src.shape[2]))
         out = torch.where(valid[..., None], out, float("nan"))
     else:
         out = torch.gather(src, 1, index[..., None].expand(-1, -1, src.shape[2]))

@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from vicl_fast.ops.randp_kernels import cosine_cost, gather_rows_add
+from vicl_fast.ops.randp_kernels import clamp_row_index, cosine_cost, gather_rows_add
 
 __all__ = ["retrieve_and_propagate", "retrieve_and_propagate_reference", "match_tokens", "MODES"]
 
@@ -148,12 +148,10 @@ def retrieve_and_propagate_reference(x_pi: torch.Tensor, x_pl: torch.Tensor, x_q
     _check_fusion(x_pi, x_pl, x_qi, x_ql, weight, bias, mode)
     if mode == "merge":
         return (x_pi + x_pl + x_qi + x_ql) * 0.25
-    perm = perm.long()
-    # No host sync (the matching runs with check=False on CUDA): gather a valid
-    # row in place of every out-of-range index, then blank those output rows.
-    # A plain gather would hit PyTorch's device-side assert on CUDA (and raise on CPU).
-    valid = (perm >= 0) & (perm < x_pi.shape[1])
-    idx = torch.where(valid, perm, 0)[..., None].expand(-1, -1, x_pi.shape[2])
+    # No host sync (the matching runs with check=False on CUDA): out-of-range indices (-1: a failed
+    # matching) gather row 0 and their output rows are blanked below.
+    idx, valid = clamp_row_index(perm, x_pi.shape[1])
+    idx = idx[..., None].expand(-1, -1, x_pi.shape[2])
     cat = torch.cat([x_pi.gather(1, idx), x_pl.gather(1, idx), x_qi, x_ql], dim=-1)
     out = F.linear(cat, weight, bias)
     return torch.where(valid[..., None], out, float("nan"))

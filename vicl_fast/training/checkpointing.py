@@ -143,13 +143,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _file_mode() -> int:
-    """0o666 minus the umask: the mode ``open()`` gives a new file."""
-    from vicl_fast.data.io import default_file_mode
-
-    return default_file_mode()
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -197,8 +190,10 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, model: torch.nn
         tensors: dict[str, torch.Tensor] = {}
         tree = split_tensors(states, "s", tensors)
         save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": "pt"})
+        from vicl_fast.data.io import default_file_mode
+
         for f in ("model.safetensors", "state.safetensors"):
-            os.chmod(tmp / f, _file_mode())  # safetensors creates 0o600 whatever the umask
+            os.chmod(tmp / f, default_file_mode())  # safetensors creates 0o600 whatever the umask
             _fsync_file(tmp / f)
         doc = {"format": FORMAT, "step": int(step), "model": model_name, "model_kwargs": model_kwargs,
                "states": tree, "meta": meta or {},
