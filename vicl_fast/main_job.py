@@ -106,6 +106,8 @@ class Recipe:
     seed: int = 0
     model: str = "neuroverse3d_tiny"
     channels: tuple[int, ...] | None = None  # None: the model's default (tiny: 4..64)
+    crop: int | None = None  # train on random crop^3 windows of the grid (the model is fully convolutional)
+    batch: int = 1  # episodes per step (on a CPU batch 2 costs about what batch 1 does: oneDNN convs)
 
     @property
     def spacing(self) -> float:
@@ -365,8 +367,9 @@ def _train_config(recipe: Recipe, device: str, out_dir: Path):
             "grid": [recipe.grid] * 3,
             "tasks": [{"name": n, "rate": r, "weight": w} for n, r, w in recipe.tasks],
             "context_phases": [{"from_step": 0, "min": cmin, "max": cmax, "mini_context": mini}],
+            "crop": [recipe.crop] * 3 if recipe.crop else None,
             "val_fraction": 0.12,
-            "val_episodes": 2,
+            "val_episodes": 2 if s <= 1000 else 8,
             "val_context_size": cmax,
             # Episodes do not depend on the worker count (pure function of seed and step): CPU runs keep
             # the two cores for the model, GPU runs synthesise data on the host's cores.
@@ -374,8 +377,9 @@ def _train_config(recipe: Recipe, device: str, out_dir: Path):
         },
         "optim": {"lr": recipe.lr, "grad_clip": recipe.grad_clip, "schedule": "cosine",
                   "warmup_steps": recipe.warmup, "min_lr": recipe.lr * 0.05},
-        "train": {"steps": s, "batch_size": 1, "seed": recipe.seed, "device": device, "apsp_mode": "scaled",
-                  "val_every": s if s <= 1000 else s // 10, "ckpt_every": max(10, s // 4), "log_every": max(1, s // 20), "keep_last": 1,
+        "train": {"steps": s, "batch_size": recipe.batch, "seed": recipe.seed, "device": device, "apsp_mode": "scaled",
+                  "val_every": s if s <= 1000 else max(100, min(500, s // 10)), "ckpt_every": max(10, min(250, s // 4)),
+                  "log_every": max(1, min(50, s // 20)), "keep_last": 1,
                   "out_dir": str(out_dir), "resume": "auto", "progress": False, "tensorboard": False},
     }
     return config_from_dict(raw)
@@ -463,16 +467,20 @@ def _train(recipe: Recipe, device: str, cache_dir: Path, ckpt: Path, key: str, f
     left = recipe.steps - trainer.step
     _say(f"  {n_par:,} parameters; first steps: {per_step:.2f} s/step -> about {_fmt_s(per_step * left)} "
          f"of training left (the model is cached afterwards: later runs skip this)")
-    chunk = max(1, recipe.steps // 10)
+    chunk = max(1, min(500, recipe.steps // 10))
+    snapshots = run_dir / "snapshots"  # the weights after every chunk: the learning curve on colin27
     result: dict[str, Any] = {"loss": float("nan"), "val": {}}
     while trainer.step < recipe.steps:
         if deadline is not None and time.monotonic() >= deadline:
             break
         t1 = time.perf_counter()
         before = trainer.step
-        result = trainer.fit(max_steps=chunk, deadline=deadline)
+        result = trainer.fit(max_steps=chunk - trainer.step % chunk, deadline=deadline)
         done = trainer.step - before
         per_step = (time.perf_counter() - t1) / max(1, done)
+        if trainer.step % chunk == 0:
+            snapshots.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(trainer.model, snapshots / f"step_{trainer.step:06d}.safetensors", model_name="neuroverse3d")
         _say(f"  step {trainer.step:4d}/{recipe.steps}  last loss {result['loss']:.4f}  "
              f"elapsed {_fmt_s(time.perf_counter() - t0)}  ETA {_fmt_s(per_step * (recipe.steps - trainer.step))}")
     train_s = time.perf_counter() - t0

@@ -48,6 +48,9 @@ from vicl_fast.data.augment import apply_gin, augment_subject, sample_gin
 
 __all__ = [
     "Subject",
+    "crop_subject",
+    "random_crop_start",
+    "crop_focus",
     "TaskSpec",
     "Episode",
     "TASK_TABLE",
@@ -351,6 +354,44 @@ def _segmentation_sources(subjects: Sequence[Subject]) -> tuple[list[str], list[
     masks = set.intersection(*[set(s.masks) for s in subjects])
     maps = set.intersection(*[set(s.label_maps) for s in subjects])
     return sorted(masks), sorted(maps)
+
+
+def crop_subject(subject: Subject, start: Sequence[int], size: Sequence[int]) -> Subject:
+    """The window ``[start, start + size)`` of every volume of ``subject`` (views, no copy), with the
+    affine moved to the window's first voxel."""
+    sl = tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, size))
+    aff = np.array(subject.affine, dtype=np.float64, copy=True)
+    aff[:3, 3] = aff[:3, :3] @ np.asarray(start, dtype=np.float64) + aff[:3, 3]
+    return Subject(subject.name, subject.image[sl], {k: v[sl] for k, v in subject.masks.items()},
+                   {k: v[sl] for k, v in subject.label_maps.items()},
+                   {k: v[sl] for k, v in subject.modalities.items()}, aff, subject.has_skull, subject.source)
+
+
+def random_crop_start(shape: Sequence[int], size: Sequence[int], rng: np.random.Generator,
+                      focus: np.ndarray | None = None) -> tuple[int, ...]:
+    """Start of a ``size`` window inside ``shape``, centred on a random voxel of ``focus`` (a (D, H, W)
+    mask; the whole volume when None or empty), clamped so that the window stays inside."""
+    shape, size = np.asarray(shape), np.asarray(size)
+    if np.any(size > shape):
+        raise ValueError(f"crop {tuple(size)} is larger than the volume {tuple(shape)}")
+    idx = np.flatnonzero(focus) if focus is not None else np.empty(0, np.int64)
+    if len(idx):
+        centre = np.array(np.unravel_index(int(idx[int(rng.integers(len(idx)))]), tuple(shape)))
+    else:
+        centre = np.array([int(rng.integers(n)) for n in shape])
+    return tuple(int(v) for v in np.clip(centre - size // 2, 0, shape - size))
+
+
+def crop_focus(spec: TaskSpec, subject: Subject, rng: np.random.Generator) -> np.ndarray | None:
+    """Where a training crop for ``spec`` is centred: half the time on the segmented structure (so that
+    small structures are seen), else anywhere in the head."""
+    p = spec.params
+    if spec.family == "segmentation" and rng.random() < 0.5:
+        if p.get("source") == "mask" and p.get("name") in subject.masks:
+            return subject.masks[p["name"]]
+        if p.get("source") == "label_map" and p.get("name") in subject.label_maps:
+            return np.isin(subject.label_maps[p["name"]], p.get("classes", []))
+    return _head_region(subject, subject.image)
 
 
 def _choose(rng: np.random.Generator, items: Sequence[Any]) -> Any:

@@ -162,6 +162,7 @@ class DataConfig:
     cache: bool = True  # keep preprocessed volumes in memory (per worker)
     augment: bool = True  # the papers' image/task augmentation
     random_foreground_p: float = 0.5  # Neuroverse3D: group k random classes into one foreground
+    crop: list[int] | None = None  # Neuroverse3D: train on random windows of the grid (fully convolutional)
 
 
 @dataclass
@@ -376,6 +377,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.grid must list {want} positive sizes for the {cfg.family} family, got {grid}")
     if cfg.family == "neuroverse3d" and any(g % 16 for g in grid):
         raise ConfigError(f"data.grid {grid}: Neuroverse3D needs multiples of 16 (e.g. 32, 64, 128)")
+    crop = cfg.data.crop
+    if crop is not None:
+        if cfg.family != "neuroverse3d":
+            raise ConfigError("data.crop is for Neuroverse3D (3D) training only; remove it for 2D models")
+        if len(crop) != 3 or any(c <= 0 or c % 16 for c in crop) or any(c > g for c, g in zip(crop, grid)):
+            raise ConfigError(f"data.crop {crop}: give 3 multiples of 16 no larger than data.grid {grid}")
     if cfg.family == "randp" and (grid[0] != grid[1] or grid[0] % 16):
         raise ConfigError(f"data.grid {grid}: RandP episodes are square slices (vicl_fast.data.tasks2d) at "
                           "the patch size 16: use [S, S] with S a multiple of 16 (32 for SwinUNETR), e.g. [256, 256]")

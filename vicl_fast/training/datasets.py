@@ -403,6 +403,10 @@ class EpisodeDataset(torch.utils.data.Dataset):
             spec = tasks3d.sample_task(subjects, rng, task.name, **kw)
         except ValueError as exc:  # e.g. no label class present in every drawn subject
             raise _Resample(str(exc)) from None
+        if self.cfg.data.crop and self.split == "train":  # one window for the whole episode
+            focus = tasks3d.crop_focus(spec, subjects[0], rng)
+            start = tasks3d.random_crop_start(subjects[0].image.shape, self.cfg.data.crop, rng, focus)
+            subjects = [tasks3d.crop_subject(s, start, self.cfg.data.crop) for s in subjects]
         pairs = [tasks3d.apply_task(spec, s, rng, augment=augment) for s in subjects]
         ins = np.stack([a for a, _ in pairs])[:, None]
         outs = np.stack([b for _, b in pairs])[:, None]
