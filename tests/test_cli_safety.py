@@ -199,13 +199,13 @@ def test_mini_context_auto_from_estimate(env, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(vicl_fast.apsp, "estimate_memory", lambda *a, **k: (100 * mb, 100 * mb))
     monkeypatch.setattr(vicl_fast.apsp, "free_memory_bytes", lambda device: 250 * mb)
     sizes = []
-    orig = Neuroverse3D._context_branch
+    orig = Neuroverse3D.encode_contexts
 
     def spy(self, ci, *a, **k):
         sizes.append(ci.shape[1])
         return orig(self, ci, *a, **k)
 
-    monkeypatch.setattr(Neuroverse3D, "_context_branch", spy)
+    monkeypatch.setattr(Neuroverse3D, "encode_contexts", spy)
     summary = predict(_args(env, tmp_path / "o.nii.gz", *GRID)[1:])
     assert summary["mini_context"] == 1 and sizes == [1, 1]
     rc = main(_args(env, tmp_path / "p.nii.gz", *GRID, "--mini-context", "2"))

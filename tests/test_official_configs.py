@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from _oracles import count_forward_flops
-from vicl_fast.models import neuroverse3d as nv3d
+from vicl_fast.models.neuroverse3d import fast as nv3d_fast
 from vicl_fast.models.neuroverse3d import Neuroverse3D
 from vicl_fast.models.official import (infer_official_config, load_official_neuroverse3d,
                                        to_official_state_dict)
@@ -182,26 +182,32 @@ def test_state_dict_keys_round_trip_through_inference(cfg):
         assert torch.equal(m2.state_dict()[k], v), k
 
 
+class _SpyPath:
+    """An execution path that records what its residual units and Target-to-Context fusions see."""
+
+    def __init__(self, path, seen):
+        self._path, self._seen = path, seen
+
+    def __getattr__(self, name):
+        return getattr(self._path, name)
+
+    def residual(self, unit, x):
+        x0 = x.clone()  # before the call: the in-place paths may reuse x's buffer
+        out = self._path.residual(unit, x)
+        self._seen[id(unit)] = (x0, out.clone())
+        return out
+
+    def fuse_t2c(self, conv, *a, **k):
+        out = self._path.fuse_t2c(conv, *a, **k)
+        self._seen[id(conv)] = (None, out.clone())
+        return out
+
+
 def _spy_pool_inputs(monkeypatch, m):
     """Record the residual units' inputs/outputs and the Target-to-Context fusion outputs."""
     seen = {}
-    real_res = nv3d._residual
-
-    def res(unit, x, inplace):
-        x0 = x.clone()  # before the call: the in-place paths may reuse x's buffer
-        out = real_res(unit, x, inplace)
-        seen[id(unit)] = (x0, out.clone())
-        return out
-
-    real_fuse = m._fuse_t2c
-
-    def fuse(conv, *a, **k):
-        out = real_fuse(conv, *a, **k)
-        seen[id(conv)] = (None, out.clone())
-        return out
-
-    monkeypatch.setattr(nv3d, "_residual", res)
-    monkeypatch.setattr(m, "_fuse_t2c", fuse)
+    real_path = m._path  # the one hook through which every part picks its execution path
+    monkeypatch.setattr(m, "_path", lambda fast, x: _SpyPath(real_path(fast, x), seen))
     return seen
 
 
@@ -266,7 +272,7 @@ def test_onednn_path_keeps_channels_last_across_pools(monkeypatch):
         calls["layout_lost"] += not x.is_contiguous(memory_format=torch.channels_last_3d)
         return fusion.conv_gelu(x, *a)
 
-    monkeypatch.setattr(nv3d, "conv_gelu", spy)
+    monkeypatch.setattr(nv3d_fast, "conv_gelu", spy)
     y = m32.predict(t.float(), ci.float(), co.float(), 1)
     assert calls["gelu"] > 0 and calls["layout_lost"] == 0, calls
     assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()

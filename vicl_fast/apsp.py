@@ -24,8 +24,9 @@ Training, when a graph is recorded (``mode``):
   the average over which mini-context is last is the full gradient).
 - ``"full"``: every mini-context keeps its graph (memory grows with L).
 
-The model must provide ``encode_target``, ``target_context``, ``_context_branch``
-and ``decode`` (see :class:`vicl_fast.models.neuroverse3d.Neuroverse3D`).
+The model must provide ``encode_target``, ``target_context``, ``encode_contexts``
+(called with ``tctx=``, once per mini-context) and ``decode`` (see
+:class:`vicl_fast.models.neuroverse3d.Neuroverse3D`).
 """
 from __future__ import annotations
 
@@ -340,7 +341,7 @@ def _accumulate(model, stream: Iterator, tctx: Sequence[torch.Tensor], fast: boo
                 sums: list[torch.Tensor] | None = None) -> list[torch.Tensor] | None:
     """Sum the context features of every mini-context of ``stream`` into ``sums`` (B, C_k, *S_k)."""
     for ci, co, _ in stream:
-        feats = model._context_branch(ci, co, tctx, fast)
+        feats = model.encode_contexts(ci, co, tctx=tctx, fast=fast)
         if sums is None:
             sums = [_sum_contexts(f) for f in feats]
         else:
@@ -392,7 +393,7 @@ class _ExactContextMeans(torch.autograd.Function):
         enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(runner.device.type, dtype=dtype, enabled=enabled):
             for ci, co, _ in runner.stream():
-                feats = runner.model._context_branch(ci, co, leaves, runner.fast)
+                feats = runner.model.encode_contexts(ci, co, tctx=leaves, fast=runner.fast)
                 # d mean / d feature of one context = 1 / L, broadcast over its L' contexts
                 gouts = [(g / runner.L).to(f.dtype).unsqueeze(1).expand_as(f) for g, f in zip(grads, feats)]
                 got = torch.autograd.grad(feats, wrt, gouts, allow_unused=True)
@@ -458,7 +459,7 @@ def context_means(model, tctx: Sequence[torch.Tensor], context_in: torch.Tensor,
             stream = ContextStream(context_in, context_out, chunks[:-1], device, dtype)
             sums = _accumulate(model, stream, tctx, fast)
         ci, co, _ = next(iter(ContextStream(context_in, context_out, chunks[-1:], device, dtype)))
-        feats = model._context_branch(ci, co, tctx, fast)
+        feats = model.encode_contexts(ci, co, tctx=tctx, fast=fast)
         return [(s + _ScaleGrad.apply(_sum_contexts(f), float(n))) / L for s, f in zip(sums, feats)]
     runner = _Runner(model, context_in, context_out, chunks, fast, device, L)
     return list(_ExactContextMeans.apply(runner, len(tctx), *tctx, *runner.params))

@@ -46,7 +46,6 @@ MAE-VQGAN also keeps the code logits of the last forward in ``last_code_logits``
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
