@@ -1,13 +1,14 @@
 """Loading of the compiled extension ``vicl_fast._C`` and backend reporting.
 
 Importing vicl_fast never fails because the extension is missing: the load
-error is kept and reported by :func:`available_backends`, and every op falls
-back to its pure PyTorch/SciPy reference.
+error is kept (:func:`extension_error`), the backend dispatcher
+(:mod:`vicl_fast.ops._dispatch`) gives it as the reason each compiled backend
+is off, and every op falls back to its pure PyTorch/SciPy reference.
+``VICL_FAST_DISABLE_EXT=1`` (read here, at import) skips loading it.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -24,11 +25,13 @@ def _load_extension() -> None:
         return
     try:
         _EXT = importlib.import_module("vicl_fast._C")
-    except ImportError as exc:  # not built, or built against another torch
-        _EXT_ERROR = (
-            f"vicl_fast._C could not be imported ({exc}); rebuild with "
-            "`pip install -e . --no-build-isolation` against the installed torch"
-        )
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "vicl_fast._C":
+            _EXT_ERROR = ("extension not built (pip install -e . --no-build-isolation; VICL_FAST_NO_EXT=1 "
+                          "at build time skips it)")
+        else:  # built against another torch, or a missing shared library
+            _EXT_ERROR = (f"vicl_fast._C could not be imported ({exc}); rebuild with "
+                          "`pip install -e . --no-build-isolation` against the installed torch")
 
 
 _load_extension()
@@ -49,48 +52,60 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
         return False
 
 
+def extension_error() -> str | None:
+    """Why ``vicl_fast._C`` is not loaded (None when it is)."""
+    return None if _EXT is not None else (_EXT_ERROR or "extension not loaded")
+
+
+def missing_kernel_reason(op: str, dispatch_key: str) -> str | None:
+    """None when ``vicl_fast::<op>`` has a ``dispatch_key`` ("CPU"/"CUDA") kernel, else why not (one sentence)."""
+    if has_kernel(op, dispatch_key):
+        return None
+    if _EXT is None:
+        return extension_error()
+    if dispatch_key != "CUDA":
+        return f"extension built without {dispatch_key} kernels"
+    if torch.version.cuda is None:
+        return "torch is a CPU build; reinstall a CUDA torch and rebuild (FORCE_CUDA=1)"
+    return "extension built without CUDA kernels (no CUDA toolchain at build time; FORCE_CUDA=1)"
+
+
 @dataclass(frozen=True)
 class Backend:
+    """One row of :func:`available_backends`."""
+
     name: str
     available: bool
     reason: str  # why not available, or what it is when available
 
 
-def _triton_status() -> Backend:
-    if importlib.util.find_spec("triton") is None:
-        return Backend("triton", False, "triton is not installed (pip install triton)")
-    if not torch.cuda.is_available():
-        interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        return Backend("triton", interp, "TRITON_INTERPRET=1 (CPU interpreter)" if interp
-                       else "no CUDA device (set TRITON_INTERPRET=1 to run the interpreter on CPU)")
-    return Backend("triton", True, "CUDA device present")
-
-
 def available_backends() -> dict[str, Backend]:
-    """Report every backend and why it is (not) usable.
+    """Report every backend and why it is (not) usable on this machine.
 
     Returns a dict name -> :class:`Backend` for ``cpp`` (compiled CPU kernels),
-    ``cuda`` (compiled CUDA kernels), ``triton`` and ``reference`` (pure
-    PyTorch/SciPy, always available).
+    ``cuda`` (compiled CUDA kernels), ``triton`` (the fusion-block kernel),
+    ``onednn`` (fused CPU convolutions), ``xformers`` (ViT attention) and
+    ``reference`` (pure PyTorch/SciPy, always available). The last four come
+    from the dispatcher (:mod:`vicl_fast.ops._dispatch`) with typical inputs;
+    ``vicl_fast.ops._dispatch.explain_all()`` gives the per-op detail.
     """
+    from vicl_fast.ops import _dispatch  # the dispatcher imports this module
+
     cpp_ok = has_kernel("linear_sum_assignment", "CPU")
     cuda_ok = has_kernel("linear_sum_assignment", "CUDA")
-    if _EXT is None:
-        cpp_reason = cuda_reason = _EXT_ERROR or "extension not loaded"
+    cpp_reason = missing_kernel_reason("linear_sum_assignment", "CPU") or "compiled"
+    if cuda_ok:
+        cuda_reason = "compiled" if torch.cuda.is_available() else "compiled, but no CUDA device is visible"
     else:
-        cpp_reason = "compiled" if cpp_ok else "extension built without CPU kernels"
-        if cuda_ok:
-            cuda_reason = "compiled" if torch.cuda.is_available() else "compiled, but no CUDA device is visible"
-        elif torch.version.cuda is None:
-            cuda_reason = "torch is a CPU build; reinstall a CUDA torch and rebuild (FORCE_CUDA=1)"
-        else:
-            cuda_reason = "extension built without CUDA kernels (no CUDA toolchain at build time; FORCE_CUDA=1)"
-    return {
+        cuda_reason = missing_kernel_reason("linear_sum_assignment", "CUDA") or "compiled"
+    rows = {
         "cpp": Backend("cpp", cpp_ok, cpp_reason),
         "cuda": Backend("cuda", cuda_ok and torch.cuda.is_available(), cuda_reason),
-        "triton": _triton_status(),
-        "reference": Backend("reference", True, "pure PyTorch / SciPy"),
     }
+    for name, op in (("triton", "fusion_block"), ("onednn", "conv_fusion"), ("xformers", "attention")):
+        rows[name] = Backend(name, *_dispatch.machine_status(op, name))
+    rows["reference"] = Backend("reference", True, "pure PyTorch / SciPy")
+    return rows
 
 
 def backends_report() -> str:

@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from vicl_fast.ops._dispatch import env, env_flag  # the documented environment variables
 
 MODE_GELU = 0  # y = GELU(x + x W^T + b + extra)                  (forward)
 MODE_LINEAR = 1  # y = x + x W^T                                    (grad_x with W^T)
@@ -250,7 +251,7 @@ def _get_autotuned():
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env_flag("TRITON_INTERPRET")
 
 
 # --------------------------------------------------------------------------- layout helpers
@@ -323,7 +324,7 @@ def _launch(mode: int, x: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | N
         cfg = _INTERPRET_CONFIG
         grid = (triton.cdiv(C, cfg["BLOCK_N"]) * L * triton.cdiv(N, cfg["BLOCK_P"]) * B,)
         _fusion_block_forward_kernel[grid](*args, **consts, **cfg)
-    elif _forced_config is not None or os.environ.get("VICL_FAST_TRITON_AUTOTUNE", "1") == "0":
+    elif _forced_config is not None or env("VICL_FAST_TRITON_AUTOTUNE") == "0":
         p, n, k, warps, stages = _forced_config or _heuristic_config(C, x.dtype, x.device.index or 0)
         grid = (triton.cdiv(C, n) * L * triton.cdiv(N, p) * B,)
         with torch.cuda.device(x.device):

@@ -3,11 +3,13 @@
 Small reusable layers in one place (timm style):
 
 * :class:`PatchEmbed` ``(B, C, H, W) -> (B, h*w, D)`` (conv with stride = patch).
-* :class:`Attention` / :class:`Block`: pre-norm transformer block. Attention runs
-  through ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory
-  efficient kernels chosen by PyTorch), through xformers'
-  ``memory_efficient_attention`` when xformers is importable and the input is
-  on CUDA (never required), or through the explicit maths
+* :class:`Attention` / :class:`Block`: pre-norm transformer block. The
+  attention backend is the dispatcher's op ``attention``
+  (:mod:`vicl_fast.ops._dispatch`), first that fits: xformers'
+  ``memory_efficient_attention`` when xformers is importable, the input is on
+  CUDA and a test run for the dtype works (never required); else
+  ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory
+  efficient kernels chosen by PyTorch); the explicit maths
   (``softmax(q k^T / sqrt(d)) v``) when ``fused_attn=False`` (the reference).
 * :class:`ViTBlocks`: a stack of blocks that returns the (normed) features of
   the requested ``out_indices`` (by default 4 evenly spaced layers, e.g.
@@ -31,6 +33,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from vicl_fast.ops._dispatch import select
 
 __all__ = [
     "VIT_PRESETS", "PatchEmbed", "Attention", "Mlp", "Block", "ViTBlocks", "LayerNorm2d",
@@ -68,7 +72,8 @@ _XFORMERS_WORKS: dict[tuple[str, torch.dtype], bool] = {}
 def xformers_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether xformers' attention runs for this CUDA device type and dtype: probed once on tiny
     tensors, because a wheel built for another torch imports but then raises "No operator found"
-    (or lacks fp32 kernels); SDPA is used instead, with one warning."""
+    (or lacks fp32 kernels); SDPA is used instead, with one warning. The last check of the
+    dispatcher's ``attention`` backend ``xformers``."""
     key = (device.type, dtype)
     if key not in _XFORMERS_WORKS:
         if not xformers_available() or torch.compiler.is_compiling():
@@ -152,13 +157,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
-        if self.fused_attn and x.is_cuda and xformers_works(x.device, qkv.dtype):
+        backend = select("attention", device=x.device, dtype=qkv.dtype, fused=self.fused_attn).name
+        if backend == "xformers":
             import xformers.ops as xops
             q, k, v = qkv.unbind(2)  # (B, N, H, hd): xformers' layout, no transpose
             out = xops.memory_efficient_attention(q, k, v).reshape(B, N, D)
             return self.proj(out)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
-        if self.fused_attn:
+        if backend == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)

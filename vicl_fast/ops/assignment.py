@@ -1,6 +1,7 @@
 """Exact batched linear sum assignment (SciPy semantics) and RandP's matching permutation.
 
-Backends, in order of preference (``VICL_FAST_LSA_BACKEND=auto|compiled|scipy`` forces one):
+Backends, in order of preference (chosen by :mod:`vicl_fast.ops._dispatch`;
+``VICL_FAST_LSA_BACKEND=auto|compiled|scipy`` forces one):
 
 * ``compiled``: ``torch.ops.vicl_fast.linear_sum_assignment``, the C++ kernel
   (csrc/lsa/lsa_cpu.cpp, the batch spread over ``torch.get_num_threads()``
@@ -27,7 +28,6 @@ for a 2-D input (tests/test_assignment_scipy.py holds it to that).
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from vicl_fast import _ext
+from vicl_fast.ops._dispatch import select
 
 __all__ = ["linear_sum_assignment", "matching_permutation", "lsa_backend"]
 
 _OP_NAME = "linear_sum_assignment"
-_BACKEND_ENV = "VICL_FAST_LSA_BACKEND"
 
 # Status codes of the op (docs/design.md).
 STATUS_OK, STATUS_INVALID, STATUS_INFEASIBLE = 0, 1, 2
@@ -59,38 +59,21 @@ if _ext.extension_loaded():
         pass
 
 
-# Kernel availability never changes after import; cached so torch.compile can trace the dispatch.
-_HAS_KERNEL = {key: _ext.has_kernel(_OP_NAME, key) for key in ("CPU", "CUDA")}
-
-
 def lsa_backend(device: torch.device | str = "cpu") -> str:
     """Name of the backend that :func:`linear_sum_assignment` uses for ``device``.
 
     One of ``"compiled"`` (the op has a kernel for this device),
     ``"compiled-cpu-roundtrip"`` (CUDA input solved by the C++ CPU kernel),
-    ``"scipy"`` (SciPy over a thread pool; on CUDA input, via the host).
+    ``"scipy"`` (SciPy over a thread pool; on CUDA input, via the host): the
+    first that fits, chosen by :func:`vicl_fast.ops._dispatch.select`.
     Honours ``VICL_FAST_LSA_BACKEND=auto|compiled|scipy`` (read at each call
-    in eager mode; inside ``torch.compile`` the automatic choice is used).
+    in eager mode; inside ``torch.compile`` the automatic choice is used;
+    another value raises ``ValueError``). With ``compiled`` and no kernel,
+    raises :class:`~vicl_fast.ops._dispatch.NoBackendError` (a ``RuntimeError``)
+    giving each backend's reason.
     """
-    device = torch.device(device)
-    if torch.compiler.is_compiling():
-        want = "auto"
-    else:
-        want = os.environ.get(_BACKEND_ENV, "auto").strip().lower() or "auto"
-        if want not in ("auto", "compiled", "scipy"):
-            raise ValueError(f"{_BACKEND_ENV}={want!r}: expected one of auto, compiled, scipy")
-    if want == "scipy":
-        return "scipy"
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    if _HAS_KERNEL[key]:
-        return "compiled"
-    if key == "CUDA" and _HAS_KERNEL["CPU"]:
-        return "compiled-cpu-roundtrip"
-    if want == "compiled":
-        reason = _ext.available_backends()["cpp"].reason
-        raise RuntimeError(f"{_BACKEND_ENV}=compiled but vicl_fast::{_OP_NAME} has no {key} kernel ({reason}); "
-                           f"rebuild with `pip install -e . --no-build-isolation` or unset {_BACKEND_ENV}")
-    return "scipy"
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    return select(_OP_NAME, device=dev).name
 
 
 # --------------------------------------------------------------------------- SciPy fallback

@@ -6,39 +6,43 @@ stage and broadcast over the L contexts instead of being concatenated per
 context. This module holds the reference (the CPU path and the test oracle);
 the Triton kernel (vicl_fast/kernels/fusion_conv.py) is dispatched to on CUDA.
 
-Dispatch of :func:`fusion_block`: the Triton kernel runs when
+Dispatch of :func:`fusion_block` (:mod:`vicl_fast.ops._dispatch`, op
+``fusion_block``; ``vicl-fast info --explain`` shows each backend's reasons),
+first that fits:
 
-- ``VICL_FAST_DISABLE_TRITON`` is not ``1``,
-- x is a CUDA tensor (or ``TRITON_INTERPRET=1`` is set: then CPU tensors go
-  through the Triton CPU interpreter, which is how the tests check the kernel),
-- x is float32/float16/bfloat16 (float64 takes the reference), and
-- triton imports.
+1. ``triton``: the Triton kernel, for float32/float16/bfloat16 CUDA tensors (or
+   CPU tensors with ``TRITON_INTERPRET=1``: triton's CPU interpreter, which is
+   how the tests check the kernel) when triton imports, unless
+   ``VICL_FAST_DISABLE_TRITON=1``;
+2. ``onednn``: CPU float32 inference (no graph recorded, no autocast, not inside
+   ``torch.compile``, 2 or 3 spatial dims, weight in x's dtype) when
+   :func:`mkldnn_fusion_available`, unless ``VICL_FAST_DISABLE_MKLDNN=1``: one
+   oneDNN 1x1 convolution with a fused ``add`` post-op writes
+   ``W x + b + (x + extra)``, then one in-place GELU (3 memory passes instead
+   of the reference's ~6 and no permuted einsum copies; channels-last inputs
+   stay channels-last);
+3. ``reference``: plain PyTorch.
 
-Otherwise, for CPU float32 inference (no graph recorded, no autocast) the
-oneDNN path runs when :func:`mkldnn_fusion_available`: one oneDNN 1x1
-convolution with a fused ``add`` post-op writes ``W x + b + (x + extra)``,
-then one in-place GELU (3 memory passes instead of the reference's ~6 and no
-permuted einsum copies; channels-last inputs stay channels-last). Everything
-else takes the plain-PyTorch reference. triton is imported lazily, so
-``import vicl_fast`` never imports it.
+triton is imported lazily (only when the first rule's other conditions hold),
+so ``import vicl_fast`` and CPU runs never import it.
 
 :func:`conv_gelu` and :func:`conv_add` are the same oneDNN post-op fusions for
 the 3x3(x3) convolutions of the residual units (``GELU(conv(x))`` and
 ``conv(h) + x``), used by the model's CPU inference path.
+Whether they apply is the dispatcher's op ``conv_fusion`` (:func:`use_mkldnn_fusion`);
 ``VICL_FAST_DISABLE_MKLDNN=1`` turns the oneDNN fusions off (plain
 PyTorch ops instead; same results up to rounding).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from vicl_fast.ops._dispatch import select
 
 __all__ = ["fusion_block", "fusion_block_reference", "conv1x1", "triton_fusion_available",
            "mkldnn_fusion_available", "use_mkldnn_fusion", "conv_mkldnn", "conv_gelu", "conv_add"]
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _triton_import_error: str | None = None
 _triton_checked = False
 _mkldnn_status: tuple[bool, str] | None = None
@@ -79,14 +83,16 @@ def triton_fusion_available() -> tuple[bool, str]:
     return _triton_import_error is None, _triton_import_error or ""
 
 
+def _fusion_backend(x: torch.Tensor, weight_dtype: torch.dtype) -> str:
+    """Name of the dispatcher's fusion_block backend for ``x``: "triton", "onednn" or "reference"."""
+    return select("fusion_block", device=x.device, dtype=x.dtype, weight_dtype=weight_dtype,
+                  spatial_dims=x.dim() - 3, grad_enabled=torch.is_grad_enabled(),
+                  cpu_autocast=torch.is_autocast_enabled("cpu")).name
+
+
 def _use_triton(x: torch.Tensor) -> bool:
-    if os.environ.get("VICL_FAST_DISABLE_TRITON", "0") == "1":
-        return False
-    if x.dtype not in _TRITON_DTYPES:
-        return False
-    if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")):
-        return False
-    return triton_fusion_available()[0]
+    """Whether :func:`fusion_block` runs the Triton kernel for ``x`` (with a weight of x's dtype)."""
+    return _fusion_backend(x, x.dtype) == "triton"
 
 
 # ----------------------------------------------------------- oneDNN (CPU) post-op fusions
@@ -135,11 +141,10 @@ def mkldnn_fusion_available() -> tuple[bool, str]:
 def use_mkldnn_fusion(x: torch.Tensor) -> bool:
     """Whether the oneDNN post-op fusions apply to ``x``: CPU, float32, no graph, no autocast,
     not inside ``torch.compile`` (inductor fuses on its own, and these ops' fake kernels
-    mispredict channels-last output strides)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and os.environ.get("VICL_FAST_DISABLE_MKLDNN", "0") != "1"
-            and mkldnn_fusion_available()[0])
+    mispredict channels-last output strides), not ``VICL_FAST_DISABLE_MKLDNN=1``, and
+    :func:`mkldnn_fusion_available` (the dispatcher's ``conv_fusion`` op picks ``onednn``)."""
+    return select("conv_fusion", device=x.device, dtype=x.dtype, grad_enabled=torch.is_grad_enabled(),
+                  cpu_autocast=torch.is_autocast_enabled("cpu")).name == "onednn"
 
 
 def conv_mkldnn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int = 0,
@@ -250,9 +255,10 @@ def fusion_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         torch.Size([1, 2, 8, 4, 4, 4])
     """
     _check_inputs(x, weight, bias, extra)
-    if not _use_triton(x):
-        if 2 <= x.dim() - 3 <= 3 and use_mkldnn_fusion(x) and weight.dtype == x.dtype:
-            return _fusion_block_mkldnn(x, weight, bias, extra)
+    backend = _fusion_backend(x, weight.dtype)
+    if backend == "onednn":
+        return _fusion_block_mkldnn(x, weight, bias, extra)
+    if backend == "reference":
         return fusion_block_reference(x, weight, bias, extra)
     from vicl_fast.kernels.fusion_conv import FusionBlockFunction, fusion_block_forward
 

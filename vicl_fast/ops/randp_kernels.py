@@ -14,7 +14,8 @@ are here:
   (greedy matching may repeat a prompt token).
 
 Each op has a pure PyTorch reference (``*_reference``: the CPU path and the
-test oracle) and dispatches to the compiled CUDA ops ``torch.ops.vicl_fast.
+test oracle) and dispatches (:mod:`vicl_fast.ops._dispatch`, backends ``cuda``
+then ``reference``) to the compiled CUDA ops ``torch.ops.vicl_fast.
 cosine_cost`` / ``gather_rows_add`` / ``scatter_rows_add`` (csrc/randp/
 retrieve_cuda.cu) when the input is on CUDA and the extension has them.
 
@@ -29,12 +30,11 @@ blanks it, rather than hit PyTorch's device-side assert of ``gather``).
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
 
-from vicl_fast import _ext
+from vicl_fast.ops._dispatch import env_flag, select
 
 __all__ = [
     "cosine_cost", "cosine_cost_reference",
@@ -42,7 +42,7 @@ __all__ = [
     "scatter_rows_add_reference", "set_index_checks", "clamp_row_index",
 ]
 
-_CHECK_INDEX_ON_CUDA = os.environ.get("VICL_FAST_CHECK_INDEX", "0") == "1"
+_CHECK_INDEX_ON_CUDA = env_flag("VICL_FAST_CHECK_INDEX")
 
 
 def set_index_checks(enabled: bool) -> None:
@@ -60,7 +60,9 @@ def _op_exists(name: str) -> bool:
 
 
 def _use_cuda_kernel(op: str, t: torch.Tensor) -> bool:
-    return t.is_cuda and _ext.has_kernel(op, "CUDA")
+    """Whether the dispatcher picks the compiled CUDA backend of ``op`` for ``t`` ("cosine_cost" or
+    "gather_rows_add"; the latter's backward is the compiled ``scatter_rows_add``)."""
+    return select(op, device=t.device).name == "cuda"
 
 
 # ----------------------------------------------------------------------------- validation
