@@ -76,7 +76,8 @@ def test_errors_and_weights():
         losses.task_weight("2d_to_3d")
 
 
-# Supplement Table 3 as printed (row -> sampling rate, weight) and the tasks3d family of each row.
+# Supplement Table 3 as printed (row -> sampling rate, weight) and the task of each row; the rows are
+# checked against the paper's text (tests/fixtures) in tests/test_task_registry.py.
 _TABLE3 = [
     ("Segmentation", 2, 50, "segmentation"),
     ("Bias Remove", 1, 1, "bias_field"),
@@ -91,25 +92,27 @@ _TABLE3 = [
 
 
 def test_task_names_are_the_tasks3d_families_with_table3_weights():
-    """One set of names: losses.TASK_WEIGHTS, tasks3d.TASK_TABLE and the trainer's Neuroverse3D defaults
-    share the family names, and each family carries its Table 3 row's rate and weight."""
-    import re
-    from pathlib import Path
-
+    """One set of names: the losses, tasks3d's families and the trainer's Neuroverse3D defaults all read
+    the task registry, and each task carries its Table 3 row's rate and weight."""
     from vicl_fast.data import tasks3d
-    from vicl_fast.training.config import NEUROVERSE3D_TASKS, TASK_KINDS
+    from vicl_fast.data.task_registry import TASKS, default_tasks
 
-    assert set(losses.TASK_WEIGHTS) == set(tasks3d.TASK_TABLE) == {n for n, _, _ in NEUROVERSE3D_TASKS}
-    trainer = {n: (r, w) for n, r, w in NEUROVERSE3D_TASKS}
+    fams = [fam for *_, fam in _TABLE3]
+    assert list(tasks3d.FAMILIES_3D) == fams == [n for n, _, _ in default_tasks(3)]
+    trainer = {n: (r, w) for n, r, w in default_tasks(3)}
     for row, rate, weight, fam in _TABLE3:
-        assert losses.TASK_WEIGHTS[fam] == weight, row
-        assert tasks3d.TASK_TABLE[fam] == {"rate": rate, "weight": weight}, row
+        assert losses.task_weight(fam) == weight, row
+        assert (TASKS[fam].rate, TASKS[fam].weight) == (rate, weight), row
         assert trainer[fam] == (rate, weight), row
-        assert TASK_KINDS[fam] == ("seg" if fam == "segmentation" else "gen"), row
-    # the rows above are the paper's: read them back from the supplement's text (its Table 3 rows,
-    # copied into tests/fixtures from the paper)
-    text = (Path(__file__).parent / "fixtures" / "neuroverse3d_table3.txt").read_text()
-    for row, rate, weight, _ in _TABLE3:
-        m = re.search(re.escape(row) + r" (\S+) (\S+)\n", text)
-        assert m is not None, row
-        assert (float(m.group(1)), float(m.group(2))) == (rate, weight), row
+        assert TASKS[fam].kind == ("seg" if fam == "segmentation" else "gen"), row
+
+
+def test_task_loss_is_the_registry_loss():
+    """Eq. 6 for segmentation, Eq. 7 for every generation task, times the Table 3 weight."""
+    g = torch.Generator().manual_seed(0)
+    pred, tgt = torch.rand(2, 1, 5, 6, 4, generator=g) * 3, torch.rand(2, 1, 5, 6, 4, generator=g)
+    for _, _, weight, fam in _TABLE3:
+        ref = losses.segmentation_loss if fam == "segmentation" else losses.generation_loss
+        torch.testing.assert_close(losses.task_loss(pred, tgt, fam), weight * ref(pred, tgt), rtol=0, atol=0)
+        torch.testing.assert_close(losses.task_loss(pred, tgt, fam, weighted=False, reduction="none"),
+                                   ref(pred, tgt, "none"), rtol=0, atol=0)

@@ -129,7 +129,7 @@ def test_label_task_transforms():
     assert np.all(sob[cube ^ t3.erode_mask(cube)] > 0)  # the boundary lights up
 
 
-@pytest.mark.parametrize("family", list(t3.TASK_TABLE))
+@pytest.mark.parametrize("family", t3.FAMILIES_3D)
 def test_every_3d_family_runs_and_is_seeded(subjects, family):
     rng = np.random.default_rng(10)
     pool = [s for s in subjects if s.has_skull] if family == "skull_stripping" else subjects
@@ -238,7 +238,7 @@ def test_2d_tasks(subjects, family):
     assert ep["grid"].shape == (3, 96, 96)
     if family == "segmentation":
         assert set(np.unique(ep["query_label"])) <= {0.0, 1.0} and ep["query_label"].any()
-    elif family == "denoising":
+    elif family == "gaussian_noise":
         d = ep["query_image"] - ep["query_label"]
         assert 0.05 <= d.std() <= 0.15
     else:
@@ -269,8 +269,8 @@ def test_modality_transformation_real_pair_and_synthetic(subjects):
     inp, out = t3.apply_task(syn, subjects[0], np.random.default_rng(1), augment=False)
     if "shared_gin" not in syn.params:
         np.testing.assert_array_equal(out, aug.apply_gin(subjects[0].image, syn.params["gin"]))
-    # 2D synthesis uses the same registered modality, slice for slice.
-    spec2 = t2.sample_task_2d(paired, np.random.default_rng(0), family="synthesis")
+    # 2D modality_transform uses the same registered modality, slice for slice.
+    spec2 = t2.sample_task_2d(paired, np.random.default_rng(0), family="modality_transform")
     assert spec2.params["modality"] == "inv"
     qi, ql = t2.make_pair_2d(spec2, s, np.random.default_rng(0), size=32, index=16)
     np.testing.assert_allclose(ql, np.clip(1.0 - qi, 0, 1), atol=1e-5)

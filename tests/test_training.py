@@ -369,14 +369,14 @@ def _find_slice(vol: np.ndarray, img: np.ndarray) -> tuple[int, int] | None:
 def test_randp_episodes_are_tasks2d_slices(dataset, tmp_path):
     """Validation episodes (no augmentation): the query is a slice of a held-out subject, the prompt one
     of a training subject, each task's label is what tasks2d defines, task ids index the task head."""
+    from vicl_fast.data.task_registry import default_tasks
     from vicl_fast.data.tasks3d import downsample_upsample
-    from vicl_fast.training.config import RANDP_TASKS
 
     raw = _randp_raw(dataset, tmp_path / "r")
     raw["data"]["val_episodes"] = 24
     tr = _trainer(raw)
-    assert [t.name for t in tr.tasks] == [n for n, _, _ in RANDP_TASKS] == [
-        "segmentation", "denoising", "super_resolution", "synthesis"]
+    assert [t.name for t in tr.tasks] == [n for n, _, _ in default_tasks(2)] == [
+        "segmentation", "gaussian_noise", "super_resolution", "modality_transform"]
     assert tr.model.task_head.fc.out_features == 4
     src = tr.sources[0]
     held = [src.subject(i) for i in tr.val_ds.val_idx[0]]
@@ -390,8 +390,8 @@ def test_randp_episodes_are_tasks2d_slices(dataset, tmp_path):
         for x in (pi, pl, qi, ql):
             assert x.shape == (3, 32, 32) and x.dtype == np.float32
             assert np.array_equal(x[0], x[1]) and np.array_equal(x[0], x[2])  # grey / binary colours x 3
-        clean_q = ql[0] if name in ("denoising", "super_resolution") else qi[0]
-        clean_p = pl[0] if name in ("denoising", "super_resolution") else pi[0]
+        clean_q = ql[0] if name in ("gaussian_noise", "super_resolution") else qi[0]
+        clean_p = pl[0] if name in ("gaussian_noise", "super_resolution") else pi[0]
         hits = [(s, _find_slice(s.image, clean_q)) for s in held]
         hits = [(s, h) for s, h in hits if h is not None]
         assert hits, f"episode {e} ({name}): the query is not a slice of a held-out subject"
@@ -401,14 +401,14 @@ def test_randp_episodes_are_tasks2d_slices(dataset, tmp_path):
             lab = np.take(s.label_maps["label"], i, axis=ax)
             assert set(np.unique(ql)) <= {0.0, 1.0}
             assert any(np.array_equal(ql[0], (lab == c).astype(np.float32)) for c in (1, 2)), e
-        elif name == "denoising":
+        elif name == "gaussian_noise":
             noise = qi[0] - ql[0]
             assert 0.03 < noise.std() < 0.2 and abs(noise.mean()) < 0.05
         elif name == "super_resolution":
             np.testing.assert_allclose(qi[0], downsample_upsample(ql[0], 2)[0], atol=1e-6)
-        else:  # synthesis: a GIN contrast of the slice (no targets/ in this dataset)
+        else:  # modality_transform: a GIN contrast of the slice (no targets/ in this dataset)
             assert not np.allclose(qi, ql) and ql.min() >= 0 and ql.max() <= 1
-    assert seen == {"segmentation", "denoising", "super_resolution", "synthesis"}
+    assert seen == {"segmentation", "gaussian_noise", "super_resolution", "modality_transform"}
 
 
 @pytest.mark.parametrize("model", ["randp_vit_tiny", "randp_uxnet_tiny", "randp_swinunetr_tiny",
@@ -432,20 +432,34 @@ def test_every_randp_backbone_trains_by_config(model, dataset, tmp_path):
 
 
 def test_randp_task_names_and_grid_errors(dataset, tmp_path):
+    """One name per task for 2D and 3D: a 3D-only task is refused for RandP naming why; RandP's former
+    names load as the shared ones with one deprecation warning per config."""
+    from vicl_fast.data.task_registry import DeprecatedTaskNameWarning
+
     raw = _randp_raw(dataset, tmp_path / "o")
-    raw["data"]["tasks"] = [{"name": "gaussian_noise"}]
-    with pytest.raises(ConfigError, match=r"data\.tasks\[0\].*'gaussian_noise'.*'denoising'"):
+    raw["data"]["tasks"] = [{"name": "bias_field"}]
+    with pytest.raises(ConfigError, match=r"data\.tasks\[0\].*'bias_field'.*3D-only"):
         config_from_dict(raw)
-    raw["data"]["tasks"] = [{"name": "denoising"}, {"name": "denoising"}]
-    with pytest.raises(ConfigError, match="listed twice"):
+    raw["data"]["tasks"] = [{"name": "denoising"}, {"name": "gaussian_noise"}]  # the same task twice
+    with pytest.warns(DeprecatedTaskNameWarning), pytest.raises(ConfigError, match="listed twice"):
         config_from_dict(raw)
+    raw["data"]["tasks"] = [{"name": "denoising"}, {"name": "synthesis"}]
+    raw["data"]["datasets"][0]["tasks"] = ["denoising", "synthesis"]
+    with pytest.warns(DeprecatedTaskNameWarning) as rec:
+        cfg = config_from_dict(raw)
+    ours = [w for w in rec if issubclass(w.category, DeprecatedTaskNameWarning)]
+    assert len(ours) == 1 and "'denoising' -> 'gaussian_noise'" in str(ours[0].message)  # one for the config
+    assert cfg.task_names() == cfg.data.datasets[0].tasks == ["gaussian_noise", "modality_transform"]
     raw = _randp_raw(dataset, tmp_path / "o")
     raw["data"]["grid"] = [32, 48]
     with pytest.raises(ConfigError, match=r"data\.grid.*square"):
         config_from_dict(raw)
     raw = _nv_raw(dataset, tmp_path / "o")
-    raw["data"]["tasks"] = [{"name": "denoising"}]
-    with pytest.raises(ConfigError, match="2D RandP task"):
+    raw["data"]["tasks"] = [{"name": "denoising"}]  # the old 2D name of a task 3D models have too
+    with pytest.warns(DeprecatedTaskNameWarning):
+        assert config_from_dict(raw).task_names() == ["gaussian_noise"]
+    raw["data"]["tasks"] = [{"name": "denoise"}]
+    with pytest.raises(ConfigError, match="unknown task 'denoise'"):
         config_from_dict(raw)
 
 
@@ -453,7 +467,7 @@ def test_randp_task_names_and_grid_errors(dataset, tmp_path):
 def test_paper_defaults(dataset, tmp_path):
     """Neuroverse3D: Table 3 rates/weights, Adam 1e-4, clip 0.25, ReduceLROnPlateau x0.5 / 20 evaluations,
     L = l = 3 for 100K of 120K steps then L ~ U{1..8}; RandP: Adam, max LR 1e-3, warm-up + cosine, 0.1 CE."""
-    from vicl_fast.training.config import NEUROVERSE3D_TASKS
+    from vicl_fast.data.task_registry import default_tasks
     from vicl_fast.training.trainer import WarmupCosine
 
     raw = _nv_raw(dataset, tmp_path / "a")
@@ -470,7 +484,7 @@ def test_paper_defaults(dataset, tmp_path):
     assert type(tr.optimizer) is torch.optim.Adam and tr.optimizer.param_groups[0]["lr"] == 1e-4
     assert isinstance(tr.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     # the toy folder has labels but no brain masks: every Table 3 task but skull stripping
-    table = {n: (r, w) for n, r, w in NEUROVERSE3D_TASKS}
+    table = {n: (r, w) for n, r, w in default_tasks(3)}
     assert [t.name for t in tr.tasks] == [n for n in table if n != "skull_stripping"]
     assert all((t.rate, t.weight) == table[t.name] for t in tr.tasks)
 
@@ -689,8 +703,8 @@ def test_shipped_configs_load():
 
 
 def test_folder_masks_and_targets(tmp_path, capsys):
-    """masks/ enables skull_stripping, targets/ gives real modality pairs: RandP synthesis maps a slice
-    of the image to the same slice of the registered target."""
+    """masks/ enables skull_stripping, targets/ gives real modality pairs: RandP modality_transform maps
+    a slice of the image to the same slice of the registered target."""
     root = _write_dataset(tmp_path / "mm", n=4)
     (root / "masks").mkdir()
     (root / "targets").mkdir()
@@ -705,7 +719,7 @@ def test_folder_masks_and_targets(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "skull_stripping" in out.splitlines()[-1]
     raw = _randp_raw(root, tmp_path / "r")
-    raw["data"]["tasks"] = [{"name": "synthesis"}]
+    raw["data"]["tasks"] = [{"name": "modality_transform"}]
     tr = _trainer(raw)
     src = tr.sources[0]
     for e in range(3):

@@ -9,9 +9,9 @@
   (forward differences; the smooth-L1 of the differences is averaged per axis,
   then over axes).
 - Task weights (Table 3): segmentation 50 (the released training multiplies the
-  segmentation loss by 50), 2D-to-3D generation 0.5, every other task 1. They are
-  keyed by the task family names of :mod:`vicl_fast.data.tasks3d` (one set of names
-  for task synthesis, the trainer config and the losses).
+  segmentation loss by 50), 2D-to-3D generation 0.5, every other task 1. Weights,
+  names and which loss a task uses are read from :mod:`vicl_fast.data.task_registry`
+  (one set of names for task synthesis, the trainer config and the losses).
 
 All losses take ``(B, C, *S)`` predictions and targets (any number of spatial
 dims) and return a scalar (``reduction="mean"``) or per-sample values
@@ -19,28 +19,15 @@ dims) and return a scalar (``reduction="mean"``) or per-sample values
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TASK_WEIGHTS", "modified_smooth_l1", "smooth_l1", "intensity_difference", "segmentation_loss",
-           "generation_loss", "task_loss", "task_weight"]
+from vicl_fast.data.task_registry import get_task
 
-#: Supplement Table 3 (training weight per task), keyed by the family names of
-#: ``vicl_fast.data.tasks3d.TASK_TABLE`` (the paper's row name in the comment).
-#: Kept literal so that importing the losses needs only torch; tests/test_losses.py
-#: checks it against ``TASK_TABLE`` and the trainer's defaults.
-TASK_WEIGHTS: dict[str, float] = {
-    "segmentation": 50.0,  # Segmentation
-    "bias_field": 1.0,  # Bias Remove
-    "gaussian_noise": 1.0,  # Gaussian Noise Remove
-    "salt_pepper": 1.0,  # Salt & Pepper Noise Remove
-    "slices_to_volume": 0.5,  # 2D to 3D Generation
-    "inpainting": 1.0,  # Inpainting
-    "super_resolution": 1.0,  # Super-Resolution
-    "skull_stripping": 1.0,  # Skull Stripping
-    "modality_transform": 1.0,  # Modality Transform
-}
-_SEGMENTATION_TASKS = {"segmentation"}
+__all__ = ["LOSSES", "modified_smooth_l1", "smooth_l1", "intensity_difference", "segmentation_loss",
+           "generation_loss", "task_loss", "task_weight"]
 
 
 def _check(pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -94,18 +81,24 @@ def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str =
     return modified_smooth_l1(pred, target, reduction)
 
 
+#: Loss by the key a task names in ``vicl_fast.data.task_registry`` (``TaskDef.loss(dims)``); each
+#: takes ``(pred, target, reduction)``.
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "modified_smooth_l1": segmentation_loss,  # Eq. 6 (Neuroverse3D segmentation)
+    "generation": generation_loss,  # Eq. 7 (Neuroverse3D generation)
+    "smooth_l1": smooth_l1,  # RandP, every task
+}
+
+
 def task_weight(task: str) -> float:
-    """Training weight of ``task`` (Table 3); ValueError naming the known tasks otherwise."""
-    if task not in TASK_WEIGHTS:
-        raise ValueError(f"unknown task {task!r}; known (vicl_fast.data.tasks3d families): "
-                         f"{', '.join(TASK_WEIGHTS)}")
-    return TASK_WEIGHTS[task]
+    """Training weight of the 3D ``task`` (Table 3, ``task_registry``); ValueError naming the known
+    tasks otherwise."""
+    return get_task(task).weight
 
 
 def task_loss(pred: torch.Tensor, target: torch.Tensor, task: str, *, weighted: bool = True,
               reduction: str = "mean") -> torch.Tensor:
-    """``lambda_task * L_task(pred, target)``: Eq. 6 for segmentation, Eq. 7 otherwise."""
-    w = task_weight(task) if weighted else 1.0
-    if task in _SEGMENTATION_TASKS:
-        return w * segmentation_loss(pred, target, reduction)
-    return w * generation_loss(pred, target, reduction)
+    """``lambda_task * L_task(pred, target)`` of Neuroverse3D: Eq. 6 for segmentation, Eq. 7 otherwise."""
+    t = get_task(task)
+    w = t.weight if weighted else 1.0
+    return w * LOSSES[t.loss(3)](pred, target, reduction)

@@ -2,8 +2,9 @@
 
 Slices are shown in neurological convention (picture left = subject's left in
 axial and coronal views, anterior up in the axial view, superior up otherwise),
-with each slice stretched to its physical aspect ratio from the voxel sizes.
-Only numpy and Pillow are used (no matplotlib).
+with each slice stretched to its physical aspect ratio from the voxel sizes
+(:mod:`vicl_fast.data.resample`: bilinear with anti-aliasing for the grey image,
+nearest voxel centre for the labels). Pillow writes the PNG (no matplotlib).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import nibabel as nib
 
 from vicl_fast.data.io import atomic_write
+from vicl_fast.data.resample import resize_image, resize_label
 
 __all__ = ["label_colors", "render_preview", "save_preview"]
 
@@ -46,13 +48,9 @@ def _slices(vol: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
     return [sag, cor, axi]
 
 
-def _resize(img: np.ndarray, shape: tuple[int, int], nearest: bool) -> np.ndarray:
-    from PIL import Image
-
-    mode = Image.NEAREST if nearest else Image.BILINEAR
-    if img.ndim == 2:
-        return np.asarray(Image.fromarray(img).resize((shape[1], shape[0]), mode))
-    return np.asarray(Image.fromarray(img, "RGB").resize((shape[1], shape[0]), mode))
+def _resize_grey(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 -> ``shape`` uint8, bilinear with anti-aliasing, rounded."""
+    return np.clip(np.rint(resize_image(img, shape, antialias=True)), 0, 255).astype(np.uint8)
 
 
 def render_preview(
@@ -99,14 +97,9 @@ def render_preview(
             scale = height / max(h_mm, 1e-6)
             shape = (height, max(1, int(round(w_mm * scale))))
             g = (bases if row_kind == "image" else sec)[v]
-            rgb = np.repeat(_resize(g, shape, nearest=False)[..., None], 3, axis=2).astype(np.float64)
+            rgb = np.repeat(_resize_grey(g, shape)[..., None], 3, axis=2).astype(np.float64)
             if over is not None and colors is not None and row_kind == "image":
-                # Pillow resizes 8-bit or 32-bit integer images; labels > 255 need mode "I".
-                from PIL import Image
-
-                lab = np.asarray(
-                    Image.fromarray(over[v].astype(np.int32), "I").resize((shape[1], shape[0]), Image.NEAREST)
-                ).astype(int)
+                lab = resize_label(over[v], shape, rule="center").astype(int)
                 m = lab > 0
                 rgb[m] = (1 - alpha) * rgb[m] + alpha * colors[np.clip(lab[m], 0, len(colors) - 1)]
             tiles.append(rgb.astype(np.uint8))

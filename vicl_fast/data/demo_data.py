@@ -39,7 +39,8 @@ import numpy as np
 
 from vicl_fast.data.augment import augment_subject
 from vicl_fast.data.io import save_nifti
-from vicl_fast.data.preprocess import plan_grid, resample
+from vicl_fast.data.preprocess import plan_grid
+from vicl_fast.data.resample import affine_resample
 from vicl_fast.data.tasks3d import Subject
 
 __all__ = ["DEMO_NAMES", "AAL_GROUPS", "load_demo_subjects", "write_demo_nifti"]
@@ -106,15 +107,28 @@ def _load_one(name: str) -> Subject:
     )
 
 
-def _resize(s: Subject, size: int) -> Subject:
-    """Resample a subject onto ``size``^3 covering the same field of view (linear image, nearest labels)."""
+def _regrid(s: Subject, size: int) -> Subject:
+    """The subject on ``size``^3 voxels covering the same field of view, with the matching affine.
+
+    One affine resampling per volume (linear + anti-aliasing for images, nearest for labels). The
+    padding mode is SciPy's ``"constant"`` (0 outside), not the ``"nearest"`` edge value of
+    ``preprocess``: the demo subjects at every size (and the demo models trained on them) are
+    defined by it.
+    """
     stored_spacing = float(np.linalg.norm(s.affine[:3, 0]))
     m = plan_grid(s.affine, s.image.shape, spacing=stored_spacing * STORED_GRID / size, grid=size)
     Q, shp = m.index_map, m.grid_shape
-    img = np.clip(resample(s.image, Q, shp, order=1, antialias=True), 0, 1)
-    masks = {k: resample(v, Q, shp, order=0).astype(bool) for k, v in s.masks.items()}
-    maps = {k: resample(v, Q, shp, order=0) for k, v in s.label_maps.items()}
-    mods = {k: resample(v, Q, shp, order=1, antialias=True) for k, v in s.modalities.items()}
+
+    def image(v: np.ndarray) -> np.ndarray:
+        return affine_resample(v, Q, shp, order=1, antialias=True)
+
+    def label(v: np.ndarray) -> np.ndarray:
+        return affine_resample(v, Q, shp, order=0)
+
+    masks = {k: label(v).astype(bool) for k, v in s.masks.items()}
+    maps = {k: label(v) for k, v in s.label_maps.items()}
+    mods = {k: image(v) for k, v in s.modalities.items()}
+    img = np.clip(image(s.image), 0, 1)
     return Subject(s.name, img, masks, maps, mods, m.grid_affine, s.has_skull, s.source)
 
 
@@ -148,7 +162,7 @@ def load_demo_subjects(
         raise ValueError(f"size must be a positive multiple of 16 (e.g. 64, 96, 128), got {size}")
     subjects = [_load_one(n) for n in names]
     if size is not None and int(size) != STORED_GRID:
-        subjects = [_resize(s, int(size)) for s in subjects]
+        subjects = [_regrid(s, int(size)) for s in subjects]
     rng = np.random.default_rng(seed)
     probs = {
         "affine": 1.0,

@@ -12,16 +12,21 @@ label, query image and query label are each ``(3, H, W)`` and are tiled as
 Segmentation labels are drawn with one RGB colour per class and decoded back
 by the nearest colour (L2), turning segmentation into image-to-image
 translation; low-level tasks stay in intensity space (grey repeated on 3
-channels). Families here, all from slices of :class:`~vicl_fast.data.tasks3d.Subject`:
+channels). Families here, all from slices of :class:`~vicl_fast.data.tasks3d.Subject`,
+named as their 3D counterparts (:mod:`vicl_fast.data.task_registry`; RandP's former
+names ``denoising`` and ``synthesis`` are deprecated aliases):
 
 * ``segmentation`` - a mask (or a label map's classes, each its own colour);
-* ``denoising`` - Gaussian noise, sigma ~ U(0.05, 0.15) by default (RandP's
+* ``gaussian_noise`` - Gaussian noise, sigma ~ U(0.05, 0.15) by default (RandP's
   data is low-dose CT; this is a synthetic stand-in on MRI slices);
 * ``super_resolution`` - x``factor`` block average, bilinear back;
-* ``synthesis`` - a registered second modality, or (the demo has none) a fixed
-  random-convolution contrast of the slice: a synthetic "modality".
+* ``modality_transform`` - a registered second modality, or (the demo has none) a
+  fixed random-convolution contrast of the slice: a synthetic "modality" (RandP's
+  PET synthesis).
 
-Slices are ``(3, H, W)`` float32 in [0, 1], resized to ``size`` x ``size``.
+Slices are ``(3, H, W)`` float32 in [0, 1], resized to ``size`` x ``size``
+(:mod:`vicl_fast.data.resample`: bilinear with anti-aliasing, labels by nearest
+voxel centre).
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vicl_fast.data.augment import GinParams, apply_gin, sample_gin
+from vicl_fast.data.resample import resize_image, resize_label
+from vicl_fast.data.task_registry import canonical_name, task_names
 from vicl_fast.data.tasks3d import Subject, downsample_upsample
 
 __all__ = [
@@ -51,7 +57,8 @@ __all__ = [
     "sample_episode_2d",
 ]
 
-FAMILIES_2D = ("segmentation", "denoising", "super_resolution", "synthesis")
+#: The 2D families in registry order, which is the order of RandP's task-head ids.
+FAMILIES_2D: tuple[str, ...] = task_names(2)
 
 
 @dataclass
@@ -60,6 +67,9 @@ class TaskSpec2D:
 
     family: str
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.family = canonical_name(self.family)  # a spec written with a deprecated name still runs
 
 
 def label_palette(n_classes: int) -> np.ndarray:
@@ -117,15 +127,6 @@ def split_grid(grid):
     return (grid[..., :H, :W], grid[..., :H, W:], grid[..., H:, :W], grid[..., H:, W:])
 
 
-def _resize2d(x: np.ndarray, size: int, nearest: bool) -> np.ndarray:
-    t = torch.from_numpy(np.ascontiguousarray(x))[None, None]
-    if nearest:
-        out = F.interpolate(t.float(), size=(size, size), mode="nearest-exact")
-        return out[0, 0].numpy().astype(x.dtype)
-    out = F.interpolate(t.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return out[0, 0].numpy()
-
-
 def extract_slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
     """2D slice of a (D, H, W) volume along ``axis``, oriented with the first remaining axis as rows."""
     return np.take(vol, int(index), axis=int(axis))
@@ -134,8 +135,9 @@ def extract_slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
 def sample_task_2d(
     subjects: Sequence[Subject], rng: np.random.Generator, family: str | None = None, **overrides: Any
 ) -> TaskSpec2D:
-    """Draw a 2D task valid for every subject (uniform over :data:`FAMILIES_2D` when ``family`` is None)."""
-    family = family or FAMILIES_2D[int(rng.integers(len(FAMILIES_2D)))]
+    """Draw a 2D task valid for every subject (uniform over :data:`FAMILIES_2D` when ``family`` is None;
+    a deprecated alias such as ``"denoising"`` is accepted with a warning)."""
+    family = canonical_name(family) if family else FAMILIES_2D[int(rng.integers(len(FAMILIES_2D)))]
     if family not in FAMILIES_2D:
         raise ValueError(f"unknown 2D family {family!r}; choose one of {', '.join(FAMILIES_2D)}")
     p: dict[str, Any] = {"axis": int(rng.integers(3))}
@@ -144,11 +146,11 @@ def sample_task_2d(
         if not masks:
             raise ValueError("segmentation needs a mask shared by all subjects")
         p["mask"] = masks[int(rng.integers(len(masks)))]
-    elif family == "denoising":
+    elif family == "gaussian_noise":
         p["sigma_range"] = (0.05, 0.15)
     elif family == "super_resolution":
         p["factor"] = 2
-    elif family == "synthesis":
+    elif family == "modality_transform":
         common = sorted(set.intersection(*[set(s.modalities) for s in subjects]))
         if common:
             p["modality"] = common[int(rng.integers(len(common)))]
@@ -156,6 +158,11 @@ def sample_task_2d(
             p["gin"] = sample_gin(rng, ndim=2)
     p.update(overrides)
     return TaskSpec2D(family, p)
+
+
+def _resize_image(x: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) slice -> (size, size) float32, bilinear with anti-aliasing (RandP's slices)."""
+    return resize_image(x, (size, size), antialias=True)
 
 
 def _pick_slice(s: Subject, axis: int, rng: np.random.Generator, mask: np.ndarray | None) -> int:
@@ -176,21 +183,18 @@ def make_pair_2d(
     p, ax = spec.params, int(spec.params["axis"])
     mask3d = subject.masks[p["mask"]] if spec.family == "segmentation" else None
     i = _pick_slice(subject, ax, rng, mask3d) if index is None else int(index)
-    img = _resize2d(extract_slice(subject.image, ax, i).astype(np.float32), size, nearest=False)
-    img = np.clip(img, 0.0, 1.0)
+    img = np.clip(_resize_image(extract_slice(subject.image, ax, i), size), 0.0, 1.0)
     if spec.family == "segmentation":
-        m = _resize2d(extract_slice(mask3d, ax, i).astype(np.uint8), size, nearest=True)
+        m = resize_label(extract_slice(mask3d, ax, i).astype(np.uint8), (size, size), rule="center")
         return to_rgb(img), colorize(m, label_palette(2))
-    if spec.family == "denoising":
+    if spec.family == "gaussian_noise":
         sigma = p.get("sigma", rng.uniform(*p["sigma_range"]))
         return to_rgb(img + rng.normal(0.0, sigma, img.shape).astype(np.float32)), to_rgb(img)
     if spec.family == "super_resolution":
         return to_rgb(downsample_upsample(img, int(p["factor"]))[0]), to_rgb(img)
-    if spec.family == "synthesis":
+    if spec.family == "modality_transform":
         if "modality" in p:
-            out = _resize2d(
-                extract_slice(subject.modalities[p["modality"]], ax, i).astype(np.float32), size, False
-            )
+            out = _resize_image(extract_slice(subject.modalities[p["modality"]], ax, i), size)
         else:
             gp: GinParams = p["gin"]
             out = apply_gin(img, gp)

@@ -8,7 +8,8 @@ corruptions) are drawn once per episode in :func:`sample_task`; per-sample
 randomness (noise realisations, bias fields, Perlin masks, augmentations) is
 drawn per pair in :func:`apply_task`, as in the paper's training.
 
-Families (name: input -> output):
+Families (name: input -> output; names, rates and loss weights are those of
+:mod:`vicl_fast.data.task_registry`, Table 3 of the supplement):
 
 ==================  ==========================================================
 segmentation        image -> binary mask of one class or a random group of
@@ -45,6 +46,8 @@ from numpy.polynomial import legendre
 from scipy import ndimage
 
 from vicl_fast.data.augment import apply_gin, augment_subject, sample_gin
+from vicl_fast.data.resample import resize_image
+from vicl_fast.data.task_registry import TASKS, canonical_name, overlay_tasks, task_names
 
 __all__ = [
     "Subject",
@@ -53,7 +56,7 @@ __all__ = [
     "crop_focus",
     "TaskSpec",
     "Episode",
-    "TASK_TABLE",
+    "FAMILIES_3D",
     "GENERATION_FAMILIES",
     "OVERLAY_FAMILIES",
     "legendre_bias_field",
@@ -77,20 +80,11 @@ __all__ = [
 ]
 
 
-#: Task table of the supplement (Table 3): sampling rate and loss weight.
-TASK_TABLE: dict[str, dict[str, float]] = {
-    "segmentation": {"rate": 2.0, "weight": 50.0},
-    "bias_field": {"rate": 1.0, "weight": 1.0},
-    "gaussian_noise": {"rate": 1.0, "weight": 1.0},
-    "salt_pepper": {"rate": 1.0, "weight": 1.0},
-    "slices_to_volume": {"rate": 1.0, "weight": 0.5},
-    "inpainting": {"rate": 1.0, "weight": 1.0},
-    "super_resolution": {"rate": 1.0, "weight": 1.0},
-    "skull_stripping": {"rate": 1.0, "weight": 1.0},
-    "modality_transform": {"rate": 1.0, "weight": 1.0},
-}
-GENERATION_FAMILIES = tuple(k for k in TASK_TABLE if k != "segmentation")
-OVERLAY_FAMILIES = ("bias_field", "gaussian_noise", "salt_pepper", "inpainting", "super_resolution")
+#: The 3D families in Table 3 order (sampling rates and loss weights: ``task_registry.TASKS``).
+FAMILIES_3D: tuple[str, ...] = task_names(3)
+GENERATION_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES_3D if TASKS[f].kind == "gen")
+#: Corruptions of the random task overlap (B.3), in the order their coins are drawn.
+OVERLAY_FAMILIES: tuple[str, ...] = overlay_tasks()
 
 
 @dataclass
@@ -276,24 +270,22 @@ def inpaint(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def downsample_upsample(x: np.ndarray, factor: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Super-resolution input: ``factor``-block average (edge-padded), trilinear back to ``x.shape``.
+    """Super-resolution input: ``factor``-block average (edge-padded), linear back to ``x.shape``
+    (:func:`vicl_fast.data.resample.resize_image`; 2D or 3D).
 
     Returns ``(input on x's grid float32, low-resolution volume of shape ceil(shape / factor))``.
     """
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
-    nd = x.ndim
     pad = []
     for s in reversed(x.shape):
         pad += [0, (-s) % factor]
     if any(pad):
         t = F.pad(t, pad, mode="replicate")
-    pool = F.avg_pool3d if nd == 3 else F.avg_pool2d
-    low = pool(t, factor)
-    up = F.interpolate(
-        low, scale_factor=factor, mode="trilinear" if nd == 3 else "bilinear", align_corners=False
-    )
-    up = up[(0, 0) + tuple(slice(0, s) for s in x.shape)]
-    return up.numpy().astype(np.float32), low[0, 0].numpy()
+    pool = F.avg_pool3d if x.ndim == 3 else F.avg_pool2d
+    low = pool(t, factor)[0, 0].numpy()
+    # linear back to factor x the low-resolution grid (= the padded grid), then cropped to x's
+    up = resize_image(low, [s * factor for s in low.shape])
+    return np.array(up[tuple(slice(0, s) for s in x.shape)], dtype=np.float32), low
 
 
 def central_slices(x: np.ndarray, centre: Sequence[int] | None = None) -> np.ndarray:
@@ -410,8 +402,8 @@ def sample_task(
 
     Args:
         subjects: the pool the episode's pairs come from (labels must exist in all).
-        family: one of :data:`TASK_TABLE`; drawn with the paper's sampling rates when None
-            (families that the pool cannot support are skipped).
+        family: one of :data:`FAMILIES_3D`; drawn with the paper's sampling rates (Table 3,
+            ``task_registry``) when None (families that the pool cannot support are skipped).
         overlay_p: probability of each overlaid corruption for generation tasks (paper: 0.05).
         seg_probs: overrides of the segmentation task augmentations
             ``{"group": 0.5, "sobel": .05, "invert": .05, "dilate": .05, "erode": .05}``.
@@ -422,12 +414,14 @@ def sample_task(
     """
     if not subjects:
         raise ValueError("sample_task: subjects is empty; pass at least one Subject")
-    feasible = [f for f in TASK_TABLE if _feasible(f, subjects)]
+    feasible = [f for f in FAMILIES_3D if _feasible(f, subjects)]
+    if family is not None:
+        family = canonical_name(family)
     if family is None:
-        rates = np.array([TASK_TABLE[f]["rate"] for f in feasible])
+        rates = np.array([TASKS[f].rate for f in feasible])
         family = feasible[int(rng.choice(len(feasible), p=rates / rates.sum()))]
-    elif family not in TASK_TABLE:
-        raise ValueError(f"unknown task family {family!r}; choose one of {', '.join(TASK_TABLE)}")
+    elif family not in FAMILIES_3D:
+        raise ValueError(f"unknown task family {family!r}; choose one of {', '.join(FAMILIES_3D)}")
     elif family not in feasible:
         raise ValueError(f"task {family!r} is not possible with these subjects: {_why_not(family)}")
     params: dict[str, Any] = {}

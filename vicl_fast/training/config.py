@@ -19,6 +19,12 @@ Family defaults (:func:`family_defaults`) fill what a file leaves out, so a
 Neuroverse3D config gets the paper's Table 3 task rates/weights, Adam at 1e-4,
 clip 0.25 and ReduceLROnPlateau x0.5 / patience 20 evaluations; a RandP config
 gets warm-up + cosine at 1e-3 and its 2D tasks.
+
+Task names, their dimensionality and the default rates/weights come from
+:mod:`vicl_fast.data.task_registry` (one name per task for 2D and 3D). RandP's
+former names ``denoising`` / ``synthesis`` still load, as ``gaussian_noise`` /
+``modality_transform``, with one :class:`~vicl_fast.data.task_registry.DeprecatedTaskNameWarning`
+per config naming every alias used.
 """
 from __future__ import annotations
 
@@ -30,10 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vicl_fast.data.task_registry import TASKS, canonical_names, family_dims, task_names
+
 __all__ = [
     "Config", "ModelConfig", "DatasetConfig", "TaskConfig", "ContextPhase", "DataConfig",
     "OptimConfig", "TrainConfig", "ConfigError", "load_config", "config_from_dict", "config_to_dict",
-    "family_of", "family_defaults", "family_task_names", "TASK_KINDS", "NEUROVERSE3D_TASKS", "RANDP_TASKS",
+    "family_of", "family_defaults", "family_task_names",
 ]
 
 
@@ -41,55 +49,10 @@ class ConfigError(ValueError):
     """A config problem found at start-up; the message names the key, file or folder."""
 
 
-# task name -> "seg" (Neuroverse3D: modified smooth-L1; Dice) or "gen" (smooth-L1 (+ gradient loss
-# for Neuroverse3D); PSNR, and SSIM for RandP). Neuroverse3D tasks are the family names of
-# vicl_fast.data.tasks3d (= vicl_fast.losses.TASK_WEIGHTS); RandP tasks those of vicl_fast.data.tasks2d.
-TASK_KINDS: dict[str, str] = {
-    "segmentation": "seg",
-    "bias_field": "gen",
-    "gaussian_noise": "gen",
-    "salt_pepper": "gen",
-    "slices_to_volume": "gen",
-    "inpainting": "gen",
-    "super_resolution": "gen",
-    "skull_stripping": "gen",
-    "modality_transform": "gen",
-    "denoising": "gen",
-    "synthesis": "gen",
-}
-
-# Neuroverse3D supplement, Table 3: (sampling rate, loss weight) per tasks3d family. The official
-# code's "50 x SmoothL3-L1" is exactly the segmentation weight of this table. Kept literal (this
-# module stays import-light); tests/test_losses.py checks it against tasks3d.TASK_TABLE.
-NEUROVERSE3D_TASKS: list[tuple[str, float, float]] = [
-    ("segmentation", 2.0, 50.0),       # Segmentation
-    ("bias_field", 1.0, 1.0),          # Bias Remove
-    ("gaussian_noise", 1.0, 1.0),      # Gaussian Noise Remove
-    ("salt_pepper", 1.0, 1.0),         # Salt & Pepper Noise Remove
-    ("slices_to_volume", 1.0, 0.5),    # 2D to 3D Generation
-    ("inpainting", 1.0, 1.0),          # Inpainting
-    ("super_resolution", 1.0, 1.0),    # Super-Resolution
-    ("skull_stripping", 1.0, 1.0),     # Skull Stripping
-    ("modality_transform", 1.0, 1.0),  # Modality Transform
-]
-
-# RandP (Sec. 4): segmentation, denoising, super-resolution and synthesis (the paper's PET
-# synthesis), the families of vicl_fast.data.tasks2d.FAMILIES_2D in that order (= the task ids of
-# the task-classification head), jointly trained with equal rates (the paper gives none); weight 1.
-RANDP_TASKS: list[tuple[str, float, float]] = [
-    ("segmentation", 1.0, 1.0),
-    ("denoising", 1.0, 1.0),
-    ("super_resolution", 1.0, 1.0),
-    ("synthesis", 1.0, 1.0),
-]
-
-# A 3D family name used in a RandP config: the 2D family that replaces it (for the error message).
-_RANDP_FOR_3D = {"gaussian_noise": "denoising", "modality_transform": "synthesis"}
-
-
 def family_task_names(family: str) -> list[str]:
-    """The task names a model family trains on (``"neuroverse3d"``: tasks3d families, else tasks2d)."""
-    return [n for n, _, _ in (NEUROVERSE3D_TASKS if family == "neuroverse3d" else RANDP_TASKS)]
+    """The task names a model family trains on (``"neuroverse3d"``: the 3D tasks, else the 2D ones),
+    in registry order (for RandP: the task-head ids)."""
+    return list(task_names(family_dims(family)))
 
 
 def _check_task_name(name: str, family: str, where: str) -> None:
@@ -97,13 +60,24 @@ def _check_task_name(name: str, family: str, where: str) -> None:
     if name in known:
         return
     hint = ""
-    if family != "neuroverse3d" and name in _RANDP_FOR_3D:
-        hint = f" (the 2D family of {name!r} is {_RANDP_FOR_3D[name]!r})"
-    elif family != "neuroverse3d" and name in TASK_KINDS:
-        hint = " (a 3D Neuroverse3D task: RandP models train on the 2D families of vicl_fast.data.tasks2d)"
-    elif family == "neuroverse3d" and name in TASK_KINDS:
-        hint = " (a 2D RandP task: Neuroverse3D trains on the families of vicl_fast.data.tasks3d)"
-    raise ConfigError(f"{where}: unknown task {name!r} for the {family} family{hint}; known: {', '.join(known)}")
+    if name in TASKS:  # a registered task of the other dimensionality
+        hint = (" (a 3D-only Neuroverse3D task: RandP models train on the 2D tasks of "
+                "vicl_fast.data.task_registry)")
+    raise ConfigError(f"{where}: unknown task {name!r} for the {family} family{hint}; "
+                      f"known: {', '.join(known)}")
+
+
+def _canonical_task_names(cfg: Config) -> None:
+    """Replace deprecated task names (in data.tasks and data.datasets[].tasks) by the registry's, in
+    place, with ONE warning for the whole config."""
+    used = sorted({t.name for t in cfg.data.tasks or []}
+                  | {n for ds in cfg.data.datasets for n in ds.tasks or []})
+    new = dict(zip(used, canonical_names(used, where="config")))
+    for t in cfg.data.tasks or []:
+        t.name = new[t.name]
+    for ds in cfg.data.datasets:
+        if ds.tasks is not None:
+            ds.tasks = [new[n] for n in ds.tasks]
 
 
 # --------------------------------------------------------------------- schema
@@ -130,7 +104,8 @@ class DatasetConfig:
 
 @dataclass
 class TaskConfig:
-    """One task family with its sampling rate and loss weight (Neuroverse3D Table 3)."""
+    """One task with its sampling rate and loss weight (defaults: ``task_registry.default_tasks``,
+    Neuroverse3D Table 3 in 3D)."""
 
     name: str = ""
     rate: float = 1.0
@@ -151,7 +126,7 @@ class ContextPhase:
 @dataclass
 class DataConfig:
     datasets: list[DatasetConfig] = field(default_factory=list)
-    tasks: list[TaskConfig] | None = None  # None: the family's table, filtered to what the data provides
+    tasks: list[TaskConfig] | None = None  # None: the registry's defaults, filtered to what the data provides
     grid: list[int] | None = None  # 3D: (D, H, W) multiple of 16; 2D: (H, W)
     spacing: float | None = 1.0  # mm; resampling before fitting into the grid
     context_phases: list[ContextPhase] | None = None
@@ -426,6 +401,7 @@ def config_from_dict(raw: dict, *, base_dir: str | Path | None = None) -> Config
                 ds.path = str((Path(base_dir) / ds.path).resolve())
     if not cfg.model.name:
         raise ConfigError("model.name is missing; e.g. 'neuroverse3d', 'neuroverse3d_tiny', 'randp_vit_b'")
+    _canonical_task_names(cfg)
     cfg = family_defaults(cfg)
     validate(cfg)
     return cfg

@@ -31,15 +31,15 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from vicl_fast.training.config import TASK_KINDS, Config, ConfigError, DatasetConfig, TaskConfig
+from vicl_fast.data.resample import resize_image, resize_label
+from vicl_fast.data.task_registry import default_tasks, get_task
+from vicl_fast.training.config import Config, ConfigError, DatasetConfig, TaskConfig
 
 __all__ = [
     "SubjectSource", "FolderSource", "DemoSource", "build_sources", "resolve_tasks",
@@ -85,26 +85,13 @@ class SubjectSource:
         raise NotImplementedError
 
     def supports(self, task: str, spatial_dims: int) -> bool:
+        if spatial_dims not in get_task(task).dims:  # e.g. slices_to_volume is 3D only
+            return False
         if task == "segmentation":
             return self.has_labels
         if task == "skull_stripping":
             return self.has_skull_masks
-        if task == "slices_to_volume":
-            return spatial_dims == 3
         return True
-
-
-def _resize(vol: np.ndarray, shape: Sequence[int], label: bool) -> np.ndarray:
-    """Resize a 3D volume to ``shape`` (trilinear for images, nearest for labels/masks)."""
-    if tuple(vol.shape) == tuple(shape):
-        return vol
-    t = torch.from_numpy(np.ascontiguousarray(vol))
-    if label:
-        dt = t.dtype
-        out = F.interpolate(t[None, None].float(), size=tuple(shape), mode="nearest")[0, 0]
-        return out.to(dt).numpy()
-    out = F.interpolate(t[None, None].float(), size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
-    return out.clamp_(0, 1).numpy()
 
 
 class FolderSource(SubjectSource):
@@ -233,13 +220,23 @@ class DemoSource(SubjectSource):
         self.has_skull_masks = all(s.has_skull and "brain" in s.masks for s in self._subjects)
 
     def _fit(self, s):
+        """``s`` on the model grid (only non-cubic grids need it: cubic ones come resampled from
+        ``load_demo_subjects``): trilinear images clipped to [0, 1], labels by torch's legacy
+        ``"nearest"`` rule (``rule="floor"``), with which these grids have always been built."""
         from vicl_fast.data.tasks3d import Subject
 
         g = self.grid
-        return Subject(s.name, _resize(np.asarray(s.image, np.float32), g, False),
-                       masks={k: _resize(np.asarray(v), g, True).astype(bool) for k, v in s.masks.items()},
-                       label_maps={k: _resize(np.asarray(v), g, True) for k, v in s.label_maps.items()},
-                       modalities={k: _resize(np.asarray(v, np.float32), g, False) for k, v in s.modalities.items()},
+
+        def image(v: np.ndarray) -> np.ndarray:
+            return resize_image(np.asarray(v, np.float32), g, clip=(0.0, 1.0))
+
+        def label(v: np.ndarray) -> np.ndarray:
+            return resize_label(np.asarray(v), g, rule="floor")
+
+        return Subject(s.name, image(s.image),
+                       masks={k: label(v).astype(bool) for k, v in s.masks.items()},
+                       label_maps={k: label(v) for k, v in s.label_maps.items()},
+                       modalities={k: image(v) for k, v in s.modalities.items()},
                        affine=s.affine, has_skull=s.has_skull, source=self.name)
 
     def subject(self, i: int):
@@ -271,15 +268,12 @@ def resolve_tasks(cfg: Config, sources: Sequence[SubjectSource]) -> tuple[list[T
     With ``data.tasks`` unset, the family's table is used and tasks that no dataset supports are
     dropped (logged); with it set, such a task stops the run naming it.
     """
-    from vicl_fast.training.config import NEUROVERSE3D_TASKS, RANDP_TASKS
-
     explicit = cfg.data.tasks is not None
+    dims = cfg.spatial_dims
     if explicit:
         tasks = list(cfg.data.tasks)
-    else:
-        table = NEUROVERSE3D_TASKS if cfg.family == "neuroverse3d" else RANDP_TASKS
-        tasks = [TaskConfig(n, r, w) for n, r, w in table]
-    dims = cfg.spatial_dims
+    else:  # Table 3 (3D) or RandP's equal rates (2D): vicl_fast.data.task_registry
+        tasks = [TaskConfig(n, r, w) for n, r, w in default_tasks(dims)]
     providers: dict[str, list[int]] = {}
     kept = []
     for t in tasks:

@@ -43,7 +43,8 @@ from vicl_fast.training.checkpointing import (
     CheckpointError, capture_rng, latest_checkpoint, load_training_checkpoint, prune_checkpoints,
     restore_rng, save_training_checkpoint, update_best,
 )
-from vicl_fast.training.config import TASK_KINDS, Config, config_to_dict
+from vicl_fast.data.task_registry import family_dims, get_task
+from vicl_fast.training.config import Config, config_to_dict
 from vicl_fast.training.datasets import (
     EpisodeDataset, StepBatchSampler, build_sources, context_size_for_step, make_loader, resolve_tasks,
 )
@@ -139,7 +140,11 @@ class Trainer:
         # ---- data (every start-up check happens here, before the model is built)
         self.sources = build_sources(cfg) if sources is None else list(sources)
         self.tasks, self.providers = resolve_tasks(cfg, self.sources)
-        self.task_kinds = [TASK_KINDS[tk.name] for tk in self.tasks]
+        self.dims = family_dims(self.family)
+        task_defs = [get_task(tk.name) for tk in self.tasks]  # vicl_fast.data.task_registry
+        self.task_kinds = [t.kind for t in task_defs]
+        self.task_losses = [t.loss(self.dims) for t in task_defs]  # Neuroverse3D: Eq. 6 or Eq. 7
+        self.task_metrics = [t.metrics(self.dims) for t in task_defs]
         self.train_ds = EpisodeDataset(cfg, self.sources, self.tasks, self.providers, "train")
         self.val_ds = EpisodeDataset(cfg, self.sources, self.tasks, self.providers, "val")
         if not self.val_ds.has_val():
@@ -273,15 +278,14 @@ class Trainer:
         return loss, per, pred
 
     def _nv_per_sample(self, pred: torch.Tensor, y: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        from vicl_fast.losses import generation_loss, segmentation_loss
+        """Unweighted per-sample losses (B,): each sample by its task's loss (the registry's key)."""
+        from vicl_fast.losses import LOSSES
 
-        is_seg = torch.tensor([self.task_kinds[i] == "seg" for i in task.tolist()], device=pred.device)
+        keys = [self.task_losses[i] for i in task.tolist()]
         per = torch.zeros(pred.shape[0], device=pred.device, dtype=pred.dtype)
-        if bool(is_seg.any()):
-            per = per.index_put((is_seg.nonzero()[:, 0],), segmentation_loss(pred[is_seg], y[is_seg], "none"))
-        if bool((~is_seg).any()):
-            idx = (~is_seg).nonzero()[:, 0]
-            per = per.index_put((idx,), generation_loss(pred[idx], y[idx], "none"))
+        for key in sorted(set(keys)):
+            idx = torch.tensor([b for b, k in enumerate(keys) if k == key], device=pred.device)
+            per = per.index_put((idx,), LOSSES[key](pred[idx], y[idx], "none"))
         return per
 
     def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
@@ -364,13 +368,7 @@ class Trainer:
     def val_metric_names(self) -> dict[str, list[str]]:
         """Per task, the validation metrics of the papers: Dice (segmentation), PSNR (generation),
         and SSIM for RandP's generation tasks."""
-        out = {}
-        for i, tk in enumerate(self.tasks):
-            if self.task_kinds[i] == "seg":
-                out[tk.name] = ["dice"]
-            else:
-                out[tk.name] = ["psnr", "ssim"] if self.family == "randp" else ["psnr"]
-        return out
+        return {tk.name: list(m) for tk, m in zip(self.tasks, self.task_metrics)}
 
     # --------------------------------------------------------------------- fit
     def fit(self, max_steps: int | None = None, deadline: float | None = None) -> dict[str, Any]:
