@@ -79,7 +79,10 @@ def test_quick_summary_metrics_are_finite_and_recomputable(quick_run):
             # the written copy baseline is the normalised first context output
             lo, hi = np.quantile(ctx1.astype(np.float64), [0.02, 0.98])
             np.testing.assert_allclose(copy, np.clip((ctx1 - lo) / (hi - lo), 0, 1), atol=1e-5)
-            assert r["extra_baselines"]["noisy_input"]["psnr"] < 25  # sigma 0.2 noise really is there
+            if r["task"] == "denoising":
+                assert r["extra_baselines"]["noisy_input"]["psnr"] < 25  # sigma 0.2 noise really is there
+            else:  # the corrupted input differs from the reference
+                assert r["extra_baselines"]["input"]["psnr"] < 40
 
 
 def test_target_is_colin27_and_contexts_icbm152_copies(quick_run):

@@ -18,9 +18,14 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_state_dict_file", "read_metadata"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_state_dict_file", "read_metadata", "read_preprocessing",
+           "PREPROCESSING_KEY"]
 
 _NAME_KEY, _CONFIG_KEY, _FORMAT_KEY = "vicl_fast.model", "vicl_fast.config", "format"
+#: Metadata key of the JSON dict saying how the model's training data were prepared: ``grid``
+#: (3 ints), ``spacing`` (mm, 3 floats), ``crop`` (fit the head's bounding box), ``intensity``,
+#: ``tasks``, ``training_data``, ``recipe_hash``. :mod:`vicl_fast.inference` predicts with them.
+PREPROCESSING_KEY = "vicl_fast.preprocessing"
 
 
 def _default_name(model: nn.Module) -> str | None:
@@ -81,6 +86,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def read_preprocessing(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The :data:`PREPROCESSING_KEY` metadata of a checkpoint (None when it has none)."""
+    raw = read_metadata(path).get(PREPROCESSING_KEY)
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"{os.fspath(path)}: metadata {PREPROCESSING_KEY!r} is not valid JSON") from None
+    return meta if isinstance(meta, dict) else None
+
+
 def load_state_dict_file(path: str | os.PathLike,
                          device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file."""
@@ -107,4 +124,5 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     if missing or unexpected:
         raise ValueError(f"{os.fspath(path)} does not fit {name}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
+    model.preprocessing = read_preprocessing(path)  # how its training data were prepared (or None)
     return model.to(device)

@@ -8,7 +8,7 @@ Usage (segmentation of one scan from two labelled examples)::
 
     vicl-fast predict --target scans/ --contexts examples.csv --labels all --model nv3d.ckpt \\
         --trust-checkpoint --out predictions/          # batch mode, multi-label, authors' checkpoint
-    vicl-fast info                                     # compiled / CUDA / Triton backends
+    vicl-fast info [--explain]                         # backends, and why each is (not) used
 
 Inputs are NIfTI files; a folder holding one DICOM series is read too when
 ``pydicom`` is installed (``pip install pydicom``; see :mod:`vicl_fast.data.io`).
@@ -55,6 +55,14 @@ Exit codes (each with a one-line ``vicl-fast: error: ...`` on stderr):
 130   interrupted (Ctrl-C); nothing partial is left behind
 ====  =======================================================================
 
+This module is argument parsing and file handling only: reading, checking,
+preprocessing, the model and the maths are :class:`vicl_fast.inference.Predictor`
+(the Python API), and the errors with their exit codes are :mod:`vicl_fast.errors`.
+Without ``--model`` the checkpoint shipped with the package is used (one line says
+which), at the grid, spacing and cropping it was trained with unless
+``--grid`` / ``--spacing`` / ``--no-crop`` override them (a warning says when an
+override leaves its trained resolution).
+
 Subcommands are registered in :data:`COMMANDS`; ``train`` is added there by
 the training code.
 """
@@ -62,37 +70,29 @@ the training code.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from vicl_fast.data.io import (
-    BadLabelError,
-    BadModelError,
-    DeviceError,
-    InputError,
-    InsufficientMemoryError,
+from vicl_fast.data.io import OutputStager, is_dicom_dir, is_nifti_path, nifti_stem
+from vicl_fast.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OOM,
+    EXIT_USAGE,
     NoContextError,
     OutputError,
-    OutputStager,
     UnreadableFileError,
-    check_same_grid,
-    check_volume_content,
-    is_dicom_dir,
-    is_nifti_path,
-    load_volume,
-    nifti_stem,
-    save_nifti,
+    UsageError,
+    ViclFastError,
 )
-
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 10, 130
+from vicl_fast.inference import check_model_file, is_oom, load_model, parse_labels
 
 __all__ = [
     "main",
@@ -109,16 +109,9 @@ __all__ = [
 ]
 
 
-class _UsageError(Exception):
-    """argparse's error, raised instead of exiting so main() can return 2 in-process."""
-
-
-UsageError = _UsageError  #: a bad option (exit code 2), raised by :func:`predict`
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse API
-        raise _UsageError(f"{message} (see {self.prog} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")  # not sys.exit: main() returns 2 in-process
 
 
 # --------------------------------------------------------------------------- inputs
@@ -210,93 +203,6 @@ def _collect_targets(target: str) -> list[Path]:
     return [p]
 
 
-def _parse_labels(spec: str | None) -> list[int] | str | None:
-    if spec is None or spec == "all":
-        return spec
-    try:
-        vals = sorted({int(v) for v in spec.split(",") if v.strip()})
-    except ValueError:
-        raise _UsageError(
-            f"--labels must be 'all' or comma-separated integers like '1,2,5', got {spec!r}"
-        ) from None
-    if not vals or min(vals) < 1:
-        raise _UsageError(f"--labels values must be positive integers (0 is background), got {spec!r}")
-    return vals
-
-
-@dataclass
-class _Context:
-    image_path: Path
-    label_path: Path
-    image: object  # nib image
-    label: object
-    values: np.ndarray  # unique label values (seg) or empty (gen)
-
-
-def _load_contexts(pairs: Sequence[tuple[Path, Path]], task: str) -> list[_Context]:
-    out = []
-    for i, (ip, lp) in enumerate(pairs, start=1):
-        img = load_volume(ip, f"context image {i}")
-        lab = load_volume(lp, f"context label {i}")
-        check_same_grid(img, lab, f"context image {i} ({ip.name})", f"context label {i} ({lp.name})")
-        check_volume_content(img, f"context image {i}", ip)
-        if task == "gen":
-            check_volume_content(lab, f"context output {i}", lp)
-        vals = np.empty(0)
-        if task == "seg":
-            data = np.asanyarray(lab.dataobj)
-            if np.issubdtype(data.dtype, np.floating) and not np.all(np.mod(data, 1) == 0):
-                raise BadLabelError(
-                    f"context label {i} ({lp}) has non-integer values; a label map must "
-                    "hold integer classes (did you pass an image as label, or use --task gen?)"
-                )
-            vals = np.unique(data).astype(np.int64)
-            if np.any(vals < 0):
-                raise BadLabelError(
-                    f"context label {i} ({lp}) has negative values {vals[vals < 0][:5].tolist()}"
-                )
-            if not np.any(vals > 0):
-                raise BadLabelError(
-                    f"context label {i} ({lp}) is empty (all zeros); every context needs the "
-                    "structure to be segmented, or drop that pair"
-                )
-        out.append(_Context(ip, lp, img, lab, vals))
-    return out
-
-
-def _resolve_labels(contexts: Sequence[_Context], requested: list[int] | str | None) -> list[int]:
-    if requested is None:
-        for i, c in enumerate(contexts, start=1):
-            extra = sorted(set(c.values.tolist()) - {0, 1})
-            if extra:
-                raise BadLabelError(
-                    f"context label {i} ({c.label_path.name}) has values {c.values.tolist()[:8]} "
-                    "but a binary task needs 0/1 labels; pass --labels all (one output class per value) "
-                    f"or --labels {extra[0]} (that value only)"
-                )
-        return [1]
-    if requested == "all":
-        union = sorted(set().union(*[set(c.values.tolist()) for c in contexts]) - {0})
-        # A context without a label would show the model "no such structure" for it.
-        for i, c in enumerate(contexts, start=1):
-            missing = sorted(set(union) - set(c.values.tolist()))
-            if missing:
-                raise BadLabelError(
-                    f"--labels all: context label {i} ({c.label_path.name}) lacks label(s) {missing[:8]} "
-                    "present in other contexts; every context must contain every label "
-                    "(drop that pair, or list the shared labels with --labels)"
-                )
-        return union
-    for v in requested:
-        for i, c in enumerate(contexts, start=1):
-            if v not in set(c.values.tolist()):
-                raise BadLabelError(
-                    f"label {v} is absent from context label {i} ({c.label_path.name}); "
-                    "each context must contain every requested label (drop the pair or the label)"
-                )
-    return list(requested)
-
-
 def _output_paths(targets: Sequence[Path], out: str, batch: bool) -> list[Path]:
     o = Path(out)
     if batch or (o.exists() and o.is_dir()) or (not is_nifti_path(o) and not o.suffix):
@@ -313,186 +219,7 @@ def _output_paths(targets: Sequence[Path], out: str, batch: bool) -> list[Path]:
     return [o]
 
 
-# --------------------------------------------------------------------------- model
-
-
-def _sniff(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 28):
-        return "safetensors"
-    if head[:4] == b"PK\x03\x04":
-        return "torch-zip"
-    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-        return "torch-pickle"
-    return "unknown"
-
-
-def _clean_text(text: str, limit: int = 200) -> str:
-    """First line of ``text`` without terminal escape codes, cut at ``limit`` characters."""
-    import re
-
-    line = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).strip().splitlines()
-    first = line[0].strip() if line else ""
-    return first if len(first) <= limit else first[: limit - 3].rstrip() + "..."
-
-
-def check_model_file(path: str | os.PathLike) -> str:
-    """The checkpoint's format (``"safetensors"``, ``"torch-zip"``, ``"torch-pickle"``), or BadModelError."""
-    p = Path(path)
-    if not p.exists():
-        raise BadModelError(f"model file not found: {p}")
-    if p.is_dir():
-        raise BadModelError(f"--model {p} is a folder; pass the checkpoint file (.safetensors or .ckpt)")
-    try:
-        kind = _sniff(p)
-    except OSError as exc:
-        raise BadModelError(f"cannot read model file {p}: {exc.strerror or exc}") from None
-    if kind == "unknown":
-        raise BadModelError(
-            f"{p} is not a checkpoint: expected a vicl_fast .safetensors file or the "
-            "authors' PyTorch/Lightning .ckpt"
-        )
-    return kind
-
-
-def load_model(path: str | os.PathLike, device: str = "cpu", trust_checkpoint: bool = False):
-    """Load a Neuroverse3D from our safetensors checkpoint or the authors' checkpoint, in eval mode.
-
-    Raises:
-        BadModelError: missing file, unknown format, weights that do not fit, or not a 3D in-context model.
-    """
-    import torch
-
-    kind = check_model_file(path)
-    try:
-        if kind == "safetensors":
-            from vicl_fast.checkpoint import load_checkpoint
-
-            model = load_checkpoint(path, device="cpu")
-        else:
-            from vicl_fast.models.official import load_official_neuroverse3d
-
-            model = load_official_neuroverse3d(path, map_location="cpu", trust_checkpoint=trust_checkpoint)
-    except InputError:
-        raise
-    except Exception as exc:  # safetensors / torch raise many types for broken files
-        import pickle
-
-        if _is_oom(exc):
-            raise
-
-        pickled = "trust_checkpoint" in str(exc) or isinstance(exc, pickle.UnpicklingError)
-        if pickled and not trust_checkpoint:
-            # The loader's text quotes PyTorch's (terminal colours, several sentences): one clean line.
-            raise BadModelError(
-                f"cannot load model {path}: it holds pickled Python objects, which can run code when "
-                "loaded; add --trust-checkpoint only if you trust its source (e.g. the authors' release)"
-            ) from None
-        msg = _clean_text(str(exc)) or type(exc).__name__
-        raise BadModelError(f"cannot load model {path}: {msg}") from None
-    from vicl_fast.models.neuroverse3d import Neuroverse3D
-
-    if not isinstance(model, Neuroverse3D) or getattr(model, "spatial_dims", 3) != 3:
-        raise BadModelError(
-            f"{path} holds a {type(model).__name__}, not a 3D in-context model (neuroverse3d*)"
-        )
-    return model.to(torch.device(device)).float().eval()
-
-
-def _resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise _UsageError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, auto)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
-                f"CUDA build {torch.version.cuda}); use --device cpu"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise DeviceError(f"--device {name}: only cpu and cuda are supported")
-    return str(dev)
-
-
 # --------------------------------------------------------------------------- predict
-
-
-def _is_oom(exc: BaseException) -> bool:
-    """An out-of-memory error of Python, NumPy or PyTorch (CPU allocator or CUDA)."""
-    if isinstance(exc, MemoryError):
-        return True
-    import torch
-
-    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    if isinstance(exc, RuntimeError):
-        msg = str(exc).lower()
-        return any(
-            s in msg
-            for s in ("out of memory", "defaultcpuallocator", "can't allocate memory", "not enough memory")
-        )
-    return False
-
-
-def _gib(n: float) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n / 1024:.1f} KiB"
-
-
-def _device_note(requested: str, device: str) -> str | None:
-    """Why ``--device auto`` chose ``device`` (None for an explicit device)."""
-    if requested != "auto":
-        return None
-    import torch
-
-    if device.startswith("cuda"):
-        return f"auto: {torch.cuda.get_device_name(torch.device(device))}"
-    return "auto: no CUDA device available"
-
-
-@contextlib.contextmanager
-def _progress_hooks(model, tick: Callable[[int], None]):
-    """Advance the progress bar inside a forward pass: the target encoder (1), every mini-context
-    (its number of contexts), the decoder (1). Instance attributes, removed afterwards."""
-    units = {
-        "encode_target": lambda a: 1,
-        "_context_branch": lambda a: int(a[0].shape[1]),  # (B, l, C, *S): l contexts
-        "decode": lambda a: 1,
-    }
-    saved = {n: model.__dict__[n] for n in units if n in model.__dict__}
-
-    def wrap(fn, amount):
-        def counted(*a, **k):
-            out = fn(*a, **k)
-            tick(amount(a))
-            return out
-
-        return counted
-
-    for name, amount in units.items():
-        model.__dict__[name] = wrap(getattr(model, name), amount)
-    try:
-        yield
-    finally:
-        for name in units:
-            if name in saved:
-                model.__dict__[name] = saved[name]
-            else:
-                model.__dict__.pop(name, None)
-
-
-#: Warn when a segmentation covers at least this fraction of the target's field of view.
-FULL_FOV_WARNING = 0.95
 
 
 def predict(argv: Sequence[str]) -> dict[str, Any]:
@@ -521,42 +248,23 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+    """``vicl-fast predict``: paths and outputs here; reading, model and maths in :class:`~vicl_fast.inference.Predictor`."""
     from tqdm import tqdm
 
-    from vicl_fast.apsp import plan_inference_memory
-    from vicl_fast.data.preprocess import check_grid, preprocess_image, preprocess_label, to_original
+    from vicl_fast.data.io import check_volume_content, load_volume, save_image
+    from vicl_fast.inference import Predictor, device_note
 
     t_start = time.perf_counter()
     verbose = not args.quiet
 
     # 1) Cheap checks of every option and path, before reading volumes.
-    if len(args.grid) not in (1, 3) or len(args.spacing) not in (1, 3):
-        raise _UsageError(f"--grid and --spacing take one value or three, got {args.grid} and {args.spacing}")
-    try:
-        grid = check_grid(args.grid[0] if len(args.grid) == 1 else args.grid)
-    except ValueError:
-        raise _UsageError(
-            f"--grid must be positive multiples of 16 (e.g. 128 or 96 128 128), got {args.grid}"
-        ) from None
-    if any(s <= 0 for s in args.spacing):
-        raise _UsageError(f"--spacing must be positive, got {args.spacing}")
-    mini: int | str | None
-    if args.mini_context in ("auto", "all"):
-        mini = "auto" if args.mini_context == "auto" else None
-    else:
-        try:
-            mini = int(args.mini_context)
-            assert mini >= 1
-        except (ValueError, AssertionError):
-            raise _UsageError(
-                f"--mini-context must be 'auto', 'all' or a positive integer, got {args.mini_context!r}"
-            ) from None
-    requested = _parse_labels(args.labels)
-    if args.task == "gen" and requested is not None:
-        raise _UsageError("--labels applies to --task seg only")
-    device = _resolve_device(args.device)
-    check_model_file(args.model)
+    if len(args.grid or [0]) not in (1, 3) or len(args.spacing or [0]) not in (1, 3):
+        raise UsageError(f"--grid and --spacing take one value or three, got {args.grid} and {args.spacing}")
+    grid = None if args.grid is None else (args.grid[0] if len(args.grid) == 1 else args.grid)
+    spacing = None if args.spacing is None else (args.spacing[0] if len(args.spacing) == 1 else args.spacing)
+    parse_labels(args.labels)
+    if args.model is not None:
+        check_model_file(args.model)
     targets = _collect_targets(args.target)
     batch = Path(args.target).is_dir() and not is_dicom_dir(args.target)
     outs = _output_paths(targets, args.out, batch)
@@ -581,9 +289,6 @@ def _run_predict(args: argparse.Namespace) -> dict[str, Any]:
     stager = OutputStager([*outs, *previews])
     warnings: list[str] = []
     secs = {"read": 0.0, "model": 0.0, "write": 0.0}
-    plan = None
-    L = len(pairs)
-    B = 1
     bar = None
 
     def say(msg: str) -> None:
@@ -592,173 +297,76 @@ def _run_predict(args: argparse.Namespace) -> dict[str, Any]:
         else:
             print(msg, file=sys.stderr)
 
-    try:
-        with stager:
-            # 2) Read and check every volume.
+    with stager:
+        # 2) Read and check every target (contexts and the model: the Predictor).
+        t = time.perf_counter()
+        target_imgs = []
+        for tp in targets:
+            what = f"target {tp.name}" if batch else "target"
+            img = load_volume(tp, what)
+            check_volume_content(img, what, tp)
+            target_imgs.append(img)
+        secs["read"] += time.perf_counter() - t
+        progress: list[Callable[[int], None]] = []
+        predictor = Predictor(
+            pairs, args.task, args.model, labels=args.labels, grid=grid, spacing=spacing,
+            crop=None if args.crop is None else args.crop, device=args.device, mini_context=args.mini_context,
+            label_batch=args.label_batch, trust_checkpoint=args.trust_checkpoint,
+            progress=lambda n: [f(n) for f in progress], log=lambda m: say(f"vicl-fast: warning: {m}"),
+        )
+        secs["read"] += predictor.seconds["read"]
+        secs["model"] += predictor.seconds["model"]
+        device = predictor.device
+        if args.model is None:  # the shipped checkpoint: say which model answers
+            say(f"vicl-fast: {predictor.describe_model()}")
+        note = device_note(args.device, device)
+        if verbose and note:
+            say(f"vicl-fast: device {device} ({note})")
+
+        # 3) Run, target by target; outputs go to the staging folder.
+        bar = tqdm(
+            total=len(targets) * predictor.stages_per_target,
+            desc="vicl-fast predict",
+            unit="step",
+            disable=not (verbose and sys.stderr.isatty()),
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0,  # steps are whole network stages: show each
+        )
+        if not bar.disable:
+            progress.append(bar.update)
+        fractions = []
+        for timg, tpath, opath in zip(target_imgs, targets, outs):
+            what = f"target {tpath.name}" if batch else "target"
+            pred = predictor.predict(timg, threshold=args.threshold, output_intensity=args.output_intensity,
+                                     what=what)
+            secs["read"] += pred.seconds["preprocess"]
+            secs["model"] += pred.seconds["model"]
             t = time.perf_counter()
-            contexts = _load_contexts(pairs, args.task)
-            labels = _resolve_labels(contexts, requested) if args.task == "seg" else []
-            target_imgs = []
-            for tp in targets:
-                what = f"target {tp.name}" if batch else "target"
-                img = load_volume(tp, what)
-                check_volume_content(img, what, tp)
-                target_imgs.append(img)
-            spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
+            if pred.foreground_fraction is not None:
+                fractions.append(pred.foreground_fraction)
+            for w in pred.warnings:
+                warnings.append(w)
+                say(f"vicl-fast: warning: {w}")
+            try:
+                save_image(pred.image, stager.path(opath))
+                if args.preview is not None:
+                    from vicl_fast.preview import save_preview
 
-            # 3) Contexts on the model grid (shared by every target).
-            ctx_in, ctx_lab = [], []
-            for c in contexts:
-                v, m = preprocess_image(c.image, spacing=spacing, grid=grid, crop=args.crop)
-                ctx_in.append(v)
-                if args.task == "seg":
-                    lab, _ = preprocess_label(c.label, mapping=m)
-                    ctx_lab.append(lab)
-                else:
-                    out_v, _ = preprocess_image(c.label, mapping=m)  # same geometry as its image
-                    ctx_lab.append(out_v)
-            if args.task == "seg":
-                for ci, lab in enumerate(ctx_lab, start=1):
-                    for v in labels:
-                        if not np.any(lab == v):
-                            raise BadLabelError(
-                                f"label {v} of context {ci} vanishes on the model grid (structure smaller "
-                                f"than a voxel at --spacing {args.spacing}); use a finer --spacing/--grid"
-                            )
-            ci_t = torch.from_numpy(np.stack(ctx_in))[None, :, None]  # (1, L, 1, *G)
-            secs["read"] += time.perf_counter() - t
-
-            t = time.perf_counter()
-            model = load_model(args.model, device, trust_checkpoint=args.trust_checkpoint)
-            dev = torch.device(device)
-            chunk = len(labels) if args.label_batch == 0 else max(1, args.label_batch)
-            chunks = [labels[i : i + chunk] for i in range(0, len(labels), chunk)] if labels else [[]]
-            B = max(1, max(len(ch) for ch in chunks))
-
-            # 4) Memory: estimate before running; refuse what cannot fit, size mini-contexts.
-            vox = int(np.prod(grid))
-            host = (B * (L + 4) * vox * 4) if dev.type == "cpu" else 0  # per-pass host buffers
-            plan = plan_inference_memory(model, grid, L, batch=B, l=mini, device=dev, extra_bytes=host)
-            gtxt = "x".join(str(g) for g in grid)  # also in the out-of-memory message below
-            if not plan.fits:
-                if plan.max_fit >= 1:
-                    raise InsufficientMemoryError(
-                        f"out of memory (estimated): --mini-context {plan.l} needs about "
-                        f"{_gib(plan.need_bytes)} but {_gib(plan.free_bytes)} is available on {device}; "
-                        f"use --mini-context {plan.max_fit} (or auto)"
-                    )
-                lb = ", --label-batch 1" if B > 1 else ""
-                raise InsufficientMemoryError(
-                    f"out of memory (estimated): grid {gtxt} with {L} context(s) and {B} label(s) per pass "
-                    f"needs about {_gib(plan.min_bytes)} even with --mini-context 1, but "
-                    f"{_gib(plan.free_bytes)} is available on {device}; use a smaller --grid{lb}, or "
-                    + ("--device cpu" if dev.type == "cuda" else "a machine with more memory")
-                )
-            note = _device_note(args.device, device)
-            if verbose and note:
-                say(f"vicl-fast: device {device} ({note})")
-
-            # 5) Run: one forward per label chunk (binary: one), per target.
-            steps_per_pass = L + 2
-            bar = tqdm(
-                total=len(targets) * len(chunks) * steps_per_pass,
-                desc="vicl-fast predict",
-                unit="step",
-                disable=not (verbose and sys.stderr.isatty()),
-                file=sys.stderr,
-                dynamic_ncols=True,
-                mininterval=0,  # steps are whole network stages: show each
-            )
-            hooks = _progress_hooks(model, bar.update) if not bar.disable else contextlib.nullcontext()
-            fractions = []
-            secs["model"] += time.perf_counter() - t
-            with hooks:
-                for timg, tpath, opath in zip(target_imgs, targets, outs):
-                    t = time.perf_counter()
-                    tv, tm = preprocess_image(timg, spacing=spacing, grid=grid, crop=args.crop)
-                    probs = []
-                    for ch in chunks:
-                        Bc = max(1, len(ch))
-                        tt = torch.from_numpy(tv)[None, None].expand(Bc, 1, *grid).contiguous().to(dev)
-                        cin = ci_t.expand(Bc, *ci_t.shape[1:])
-                        if args.task == "seg":
-                            co = torch.from_numpy(
-                                np.stack([np.stack([(lab == v) for lab in ctx_lab]) for v in ch]).astype(
-                                    np.float32
-                                )
-                            )[:, :, None]
-                        else:
-                            co = torch.from_numpy(np.stack(ctx_lab))[None, :, None]
-                        y = model.predict(tt, cin, co, l=plan.l)
-                        probs.append(y[:, 0].float().cpu().numpy())
-                        del y, tt
-                    secs["model"] += time.perf_counter() - t
-                    t = time.perf_counter()
-                    pred = np.concatenate(probs, axis=0)  # (K, *G)
-                    if args.task == "seg":
-                        best = pred.argmax(0)
-                        grid_map = np.where(pred.max(0) > args.threshold, np.asarray(labels)[best], 0)
-                        dtype = np.uint8 if max(labels) <= 255 else np.uint16
-                        out = to_original(grid_map.astype(dtype), tm, kind="label")
-                        second = None
-                        frac = float(np.count_nonzero(out)) / out.size
-                        fractions.append(frac)
-                        warning = None
-                        if frac == 0:
-                            warning = (f"the segmentation of {tpath.name} is empty (no voxel above --threshold "
-                                       f"{args.threshold:g}); check that the contexts show the target's "
-                                       "structure and modality")
-                        elif frac >= FULL_FOV_WARNING:
-                            warning = (f"the segmentation of {tpath.name} covers {frac:.0%} of the field of "
-                                       "view; check the contexts and --threshold")
-                        if warning:
-                            warnings.append(warning)
-                            say(f"vicl-fast: warning: {warning}")
-                    else:
-                        out = to_original(pred[0], tm, kind="image")
-                        if args.output_intensity == "target":
-                            lo, hi = tm.intensity or (0.0, 1.0)
-                            out = out * (hi - lo) + lo
-                        dtype = np.float32
-                        second = out
-                    try:
-                        save_nifti(out.astype(dtype), timg.affine, stager.path(opath), header=timg.header,
-                                   dtype=dtype)
-                        if args.preview is not None:
-                            from vicl_fast.preview import save_preview
-
-                            save_preview(stager.path(previews[outs.index(opath)]), timg,
-                                         labels=out if args.task == "seg" else None, second=second)
-                    except OSError as exc:
-                        raise OutputError(f"cannot write the output for {tpath.name}: "
-                                          f"{exc.strerror or exc}") from None
-                    secs["write"] += time.perf_counter() - t
-            bar.close()
-            t = time.perf_counter()
-            stager.commit()
-            secs["write"] += time.perf_counter() - t
-    except (MemoryError, RuntimeError) as exc:
-        if not _is_oom(exc):
-            raise
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        where = ""
-        if plan is not None:
-            where = (
-                f" (grid {gtxt}, {L} context(s), mini-context {plan.l}, "
-                f"{B} label(s) per pass; estimated {_gib(plan.need_bytes)}, "
-                f"{_gib(plan.free_bytes)} available)"
-            )
-        alt = "--device cpu" if device.startswith("cuda") else "a machine with more memory"
-        raise InsufficientMemoryError(
-            f"out of memory on {device} while running{where}: try --mini-context 1, a smaller --grid, "
-            f"or {alt}"
-        ) from None
-    finally:
-        if bar is not None:
-            bar.close()
+                    out = np.asanyarray(pred.image.dataobj)
+                    save_preview(stager.path(previews[outs.index(opath)]), timg,
+                                 labels=out if args.task == "seg" else None,
+                                 second=None if args.task == "seg" else out)
+            except OSError as exc:
+                raise OutputError(f"cannot write the output for {tpath.name}: {exc.strerror or exc}") from None
+            secs["write"] += time.perf_counter() - t + pred.seconds["postprocess"]
+        bar.close()
+        t = time.perf_counter()
+        stager.commit()
+        secs["write"] += time.perf_counter() - t
 
     total = time.perf_counter() - t_start
+    plan = predictor.plan
     if verbose:
         for o in [*outs, *previews]:
             print(f"vicl-fast: wrote {o}", file=sys.stderr)
@@ -773,7 +381,8 @@ def _run_predict(args: argparse.Namespace) -> dict[str, Any]:
         "outputs": [str(o) for o in outs],
         "previews": [str(p) for p in previews],
         "device": device,
-        "device_note": _device_note(args.device, device),
+        "device_note": device_note(args.device, device),
+        "model": predictor.describe_model(),
         "mini_context": plan.l,
         "memory": {"estimated_bytes": plan.need_bytes, "available_bytes": plan.free_bytes},
         "foreground_fraction": fractions,
@@ -798,6 +407,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import vicl_fast
 
     print(vicl_fast.backends_report())
+    if args.explain:
+        from vicl_fast.ops._dispatch import explain_all
+
+        print()
+        print(explain_all())
     return EXIT_OK
 
 
@@ -835,8 +449,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--model",
-        required=True,
-        help="checkpoint: ours (.safetensors, vicl_fast.checkpoint) or the authors' (.ckpt)",
+        default=None,
+        help="checkpoint: ours (.safetensors, vicl_fast.checkpoint) or the authors' (.ckpt); default: the "
+        "model shipped with the package (its grid, spacing and cropping unless overridden)",
     )
     p.add_argument(
         "--trust-checkpoint",
@@ -860,13 +475,16 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument(
-        "--grid", type=int, nargs="+", default=[128], help="model grid, multiples of 16 (default 128)"
+        "--grid", type=int, nargs="+", default=None,
+        help="model grid, multiples of 16 (default: the checkpoint's, else 128)",
     )
-    p.add_argument("--spacing", type=float, nargs="+", default=[1.0], help="resampling in mm (default 1.0)")
+    p.add_argument("--spacing", type=float, nargs="+", default=None,
+                   help="resampling in mm (default: the checkpoint's, else 1.0)")
     p.add_argument(
         "--no-crop",
         dest="crop",
         action="store_false",
+        default=None,
         help="fit the whole field of view into the grid instead of the head/brain bounding box",
     )
     p.add_argument("--threshold", type=float, default=0.5, help="seg: foreground threshold (default 0.5)")
@@ -894,7 +512,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="report the compiled / CUDA / Triton backends")
+    p = sub.add_parser("info", help="report the compiled / CUDA / Triton / oneDNN / xformers backends")
+    p.add_argument("--explain", action="store_true",
+                   help="every backend of every op: usable or not on this machine, and why")
     p.set_defaults(func=_cmd_info)
 
 
@@ -948,17 +568,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_USAGE
-    except _UsageError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    except InputError as exc:
-        _err(str(exc).splitlines()[0])
+    except ViclFastError as exc:  # UsageError (2) and every input / model / output / device / memory error
+        _err(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return exc.exit_code
     except KeyboardInterrupt:
         _err("interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the console never shows a raw traceback
-        if _is_oom(exc):
+        if is_oom(exc):
             _err("out of memory: try --mini-context 1, a smaller --grid, or --device cpu")
             return EXIT_OOM
         if os.environ.get("VICL_FAST_DEBUG", "0") == "1":

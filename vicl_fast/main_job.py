@@ -19,18 +19,21 @@ What it does, honestly:
    ``$VICL_FAST_CACHE`` or ``~/.cache/vicl_fast``, keyed by a hash of the training recipe and the
    demo data); else a small Neuroverse3D (``neuroverse3d_tiny``, 1.1 M parameters) is trained with
    the package's trainer (:mod:`vicl_fast.training`) for a few minutes and cached (atomic write).
-3. **Tasks** (task synthesis of :mod:`vicl_fast.data.tasks3d`, as in training): white-matter
-   segmentation, deep grey matter segmentation (caudate, putamen, pallidum, thalamus from the AAL
-   atlas) and Gaussian denoising (sigma 0.2). For each, the target, the context pairs and the
-   reference are written as NIfTI, the prediction is made by ``vicl-fast predict``
-   (:func:`vicl_fast.cli.main`, in-process), PNG previews are written, and the table reports Dice
-   (segmentation) or PSNR/SSIM (denoising) of the prediction and of RandP Table 2's
-   copy-the-prompt baseline (the first context's output used as the prediction), the wall time of
-   the predict call and its peak memory (CUDA ``max_memory_allocated``; on CPU the peak resident
-   set size above the level before the call, sampled every 2 ms).
+3. **Tasks** (task synthesis of :mod:`vicl_fast.data.tasks3d`, as in training): segmentation of white
+   matter, deep grey matter (caudate, putamen, pallidum, thalamus from the AAL atlas), hippocampus and
+   cerebellum; Gaussian denoising (sigma 0.2) and bias-field correction. Every prediction goes through
+   the Python API :class:`vicl_fast.inference.Predictor` (the path of ``vicl-fast predict``). Per task:
+   a showcase (context draw 0, L = 4) whose target, context pairs, reference and prediction are
+   written as NIfTI with PNG previews; then ``--draws`` random context draws (default 5) from a pool of
+   12 warped icbm152 copies for L = 4 (``--full-protocol``: L in {1, 4, 8}), reporting mean and std of
+   Dice (segmentation) or PSNR/SSIM (generation) for the model and for RandP Table 2's
+   copy-the-prompt baseline (the first context's output used as the prediction), the shipped model's
+   targets (:data:`TARGETS`) met or not, the showcase's wall time and peak memory (CUDA
+   ``max_memory_allocated``; on CPU the peak resident set size above the level before the call,
+   sampled every 2 ms), and ``figure.png`` (input, reference, prediction, copy-the-prompt per task).
 4. **Outputs** in ``--out``: ``<task>/target_image.nii.gz``, ``target_reference.nii.gz``,
    ``context<i>_image|_label.nii.gz``, ``prediction.nii.gz``, ``copy_prompt.nii.gz``,
-   ``*.png``; ``summary.json`` and ``summary.md``.
+   ``*.png``; ``figure.png``, ``summary.json`` and ``summary.md``.
 
 ``--quick`` (used by the tests): 32^3 grid, a few dozen training steps, same outputs.
 Exit status: 0 ok, 2 usage, 8 output folder not writable, 9 device not available, 1 anything
@@ -58,6 +61,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from vicl_fast.data.task_registry import default_tasks
+from vicl_fast.errors import ViclFastError
 from vicl_fast.training.datasets import SubjectSource
 
 __all__ = ["Recipe", "FULL", "QUICK", "DEMO_TASKS", "main", "recipe_key", "train_or_load", "run"]
@@ -70,12 +75,8 @@ SHIPPED_NAME = "demo_neuroverse3d.safetensors"
 _META_KEY = "vicl_fast.demo"
 
 
-class MainJobError(Exception):
+class MainJobError(ViclFastError):
     """A problem the user can fix; ``exit_code`` is the process exit status."""
-
-    def __init__(self, msg: str, exit_code: int = EXIT_INTERNAL):
-        super().__init__(msg)
-        self.exit_code = exit_code
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -117,7 +118,7 @@ class Recipe:
 # Restricted to the structures the demo asks for: with the whole mask set the model does not get past
 # predicting a blurred mean in a few CPU minutes (measured: Dice 0 on white matter after 300 steps).
 _SEG_MASKS = ("wm", "deep_grey")
-_TASKS = (("segmentation", 2.0, 50.0), ("gaussian_noise", 1.0, 1.0))
+_TASKS = default_tasks(3, ("segmentation", "gaussian_noise"))  # Table 3 rates and weights (the registry)
 # Twice the tiny model's width (4.4 M parameters): the 4..64 tiny model stayed at a constant output
 # within the CPU budget; this one learns white matter and denoising in ~500 steps at 32^3.
 _CHANNELS = (8, 16, 32, 64, 128)
@@ -146,10 +147,18 @@ DEMO_TASKS: tuple[DemoTask, ...] = (
              "white matter (tissue map)"),
     DemoTask("deep_grey", "seg", "segmentation", {"source": "mask", "name": "deep_grey"},
              "deep grey matter: caudate+putamen+pallidum+thalamus (AAL atlas)"),
+    DemoTask("hippocampus", "seg", "segmentation", {"source": "mask", "name": "hippocampus"},
+             "hippocampus (AAL atlas)"),
+    DemoTask("cerebellum", "seg", "segmentation", {"source": "mask", "name": "cerebellum"},
+             "cerebellum (AAL atlas)"),
     DemoTask("denoising", "gen", "gaussian_noise", {"sigma": 0.2}, "Gaussian denoising, sigma 0.2"),
+    DemoTask("bias_field", "gen", "bias_field", {}, "bias-field correction (random Legendre field)"),
 )
-N_CONTEXTS = 4
+N_CONTEXTS = 4  # L of the showcase (files, previews) and of the targets
 CONTEXT_SEED = 1  # warped copies for the contexts: another seed than the training copies (0)
+CONTEXT_POOL = 12  # warped copies of icbm152 the context draws pick from
+N_DRAWS = 5  # random context draws per task and L (RandP's protocol: mean and std)
+FULL_PROTOCOL_L = (1, 4, 8)  # --full-protocol: every L of the shipped model's report
 
 
 def _data_digest() -> str:
@@ -157,7 +166,8 @@ def _data_digest() -> str:
     augmentation or the task synthesis changes what a recipe trains on, so it invalidates the cache)."""
     h = hashlib.sha256()
     files = resources.files("vicl_fast.data")
-    for name in ("demo_icbm152.npz", "demo_colin27.npz", "demo_data.py", "augment.py", "tasks3d.py"):
+    for name in ("demo_icbm152.npz", "demo_colin27.npz", "demo_data.py", "augment.py", "tasks3d.py",
+                 "task_registry.py", "resample.py"):
         h.update((files / name).read_bytes())
     return h.hexdigest()
 
@@ -197,19 +207,44 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     return r
 
 
+def preprocessing_metadata(recipe: Recipe, key: str) -> dict[str, Any]:
+    """How the demo model's training data were prepared (:data:`vicl_fast.checkpoint.PREPROCESSING_KEY`):
+    what :class:`vicl_fast.inference.Predictor` predicts with by default."""
+    ch = f"channels {'..'.join(map(str, (recipe.channels[0], recipe.channels[-1])))}" if recipe.channels else "tiny"
+    return {
+        "grid": [recipe.grid] * 3,
+        "spacing": [round(recipe.spacing, 6)] * 3,
+        "crop": True,  # real scans: fit the head's bounding box (the training heads fill the field of view)
+        "intensity": "percentiles 0.02 / 0.98 -> [0, 1], clipped",
+        "description": f"Neuroverse3D ({recipe.model}, {ch}) trained by vicl_fast's trainer",
+        "tasks": [{"name": n, "rate": r, "weight": w} for n, r, w in recipe.tasks],
+        "segmentation_structures": list(recipe.seg_masks),
+        "training_data": f"icbm152 + {recipe.train_variants} warped copies (embedded demo MRI, brain-extracted "
+                         "T1, MNI space)",
+        "recipe": dataclasses.asdict(recipe),
+        "recipe_hash": key,
+        "data_licence": "derived from the MNI ICBM152 2009 template; notice in vicl_fast/data/LICENSE-DATA.txt",
+    }
+
+
 def export_bf16(ckpt: Path, dest: Path, info: dict[str, Any]) -> Path:
     """Write ``ckpt``'s weights in bfloat16 (half the bytes; ``vicl-fast predict`` computes in float32)
-    to ``dest`` atomically, with the demo metadata, e.g. as ``vicl_fast/checkpoints/demo_neuroverse3d.safetensors``."""
+    to ``dest`` atomically, with the demo metadata and the preprocessing it was trained with, e.g. as
+    ``vicl_fast/checkpoints/demo_neuroverse3d.safetensors`` (the checkpoint shipped with the package)."""
     import torch
 
-    from vicl_fast.checkpoint import load_checkpoint, save_checkpoint
+    from vicl_fast.checkpoint import PREPROCESSING_KEY, load_checkpoint, save_checkpoint
 
     model = load_checkpoint(ckpt)
     sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     meta = {k: v for k, v in info.items() if k not in ("source", "path")}
     meta["dtype"] = "bfloat16"
-    save_checkpoint(sd, dest, model_name="neuroverse3d", config=model.config,
-                    extra_metadata={_META_KEY: json.dumps(meta, default=str)})
+    extra = {_META_KEY: json.dumps(meta, default=str)}
+    if isinstance(meta.get("recipe"), dict):
+        recipe = Recipe(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+                           for k, v in meta["recipe"].items()})
+        extra[PREPROCESSING_KEY] = json.dumps(preprocessing_metadata(recipe, str(meta.get("key", ""))))
+    save_checkpoint(sd, dest, model_name="neuroverse3d", config=model.config, extra_metadata=extra)
     return dest
 
 
@@ -242,17 +277,10 @@ def _check_writable(folder: Path, what: str, flag: str) -> None:
 
 
 def _resolve_device(name: str) -> str:
-    """``vicl-fast predict``'s device rules (the job runs through it), as MainJobError."""
-    from vicl_fast.cli import _resolve_device as resolve_cli_device
-    from vicl_fast.cli import _UsageError
-    from vicl_fast.data.io import DeviceError
+    """``vicl-fast predict``'s device rules (:func:`vicl_fast.inference.resolve_device`)."""
+    from vicl_fast.inference import resolve_device
 
-    try:
-        return resolve_cli_device(name)
-    except DeviceError as exc:
-        raise MainJobError(str(exc), EXIT_DEVICE) from None
-    except _UsageError as exc:
-        raise MainJobError(str(exc), EXIT_USAGE) from None
+    return resolve_device(name)  # DeviceError (exit 9) / UsageError (exit 2)
 
 
 def _rss_bytes() -> int | None:
@@ -497,8 +525,11 @@ def _train(recipe: Recipe, device: str, cache_dir: Path, ckpt: Path, key: str, f
             "train_seconds": round(train_s, 1), "device": device, "final_loss": result.get("loss"),
             "val_on_held_out_icbm152_copies": val, "trained_on": f"icbm152 + {recipe.train_variants} warped copies",
             "date": time.strftime("%Y-%m-%d %H:%M"), "partial": partial}
-    save_checkpoint(trainer.model, ckpt, model_name="neuroverse3d",
-                    extra_metadata={_META_KEY: json.dumps(meta)})  # atomic: temp file + rename
+    from vicl_fast.checkpoint import PREPROCESSING_KEY
+
+    save_checkpoint(trainer.model, ckpt, model_name="neuroverse3d",  # atomic: temp file + rename
+                    extra_metadata={_META_KEY: json.dumps(meta),
+                                    PREPROCESSING_KEY: json.dumps(preprocessing_metadata(recipe, key))})
     if not partial:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # keep only the CSV logs of the run
     _say(f"  trained in {_fmt_s(train_s)}; {'saved (partial)' if partial else 'cached'} as {ckpt}")
@@ -527,6 +558,13 @@ def _save(path: Path, vol: np.ndarray, affine: np.ndarray, label: bool) -> Path:
     return path
 
 
+def _nifti(vol: np.ndarray, affine: np.ndarray, label: bool):
+    """An in-memory NIfTI image of a demo volume (labels as uint8 0/1, as the files are written)."""
+    from vicl_fast.data.io import make_nifti
+
+    return make_nifti((vol > 0.5).astype(np.uint8) if label else np.asarray(vol, np.float32), affine)
+
+
 def _metrics(kind: str, pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     from vicl_fast.data.metrics import dice, psnr, ssim
 
@@ -535,61 +573,84 @@ def _metrics(kind: str, pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return {"psnr": psnr(np.clip(pred, 0, 1), ref, 1.0), "ssim": ssim(np.clip(pred, 0, 1), ref, 1.0)}
 
 
-def _run_task(task: DemoTask, target, contexts, ckpt: Path, grid: int, device: str, out: Path,
-              seed: int) -> dict[str, Any]:
-    import nibabel as nib
+def context_draw(L: int, draw: int, pool: int = CONTEXT_POOL) -> list[int]:
+    """Indices of the ``L`` contexts of draw ``draw`` in the pool of warped icbm152 copies (without
+    replacement; draw 0 at L = :data:`N_CONTEXTS` is the showcase whose files are written)."""
+    if L > pool:
+        raise MainJobError(f"L = {L} contexts but the context pool holds {pool}", EXIT_USAGE)
+    if draw == 0 and L <= N_CONTEXTS:
+        return list(range(L))
+    return sorted(np.random.default_rng([CONTEXT_SEED, L, draw]).choice(pool, size=L, replace=False).tolist())
 
-    from vicl_fast import cli
+
+def _predict(model, task: DemoTask, tin: np.ndarray, ctx: Sequence[tuple[np.ndarray, np.ndarray]],
+             target, ctx_subjects: Sequence[Any], grid: int, device: str):
+    """One in-context prediction through the Python API (:class:`vicl_fast.inference.Predictor`), the
+    same path as ``vicl-fast predict``. Returns ``(prediction on the target grid, Prediction)``."""
+    from vicl_fast.inference import Predictor
+
+    seg = task.kind == "seg"
+    pairs = [(_nifti(ci, s.affine, False), _nifti(co, s.affine, seg)) for (ci, co), s in zip(ctx, ctx_subjects)]
+    predictor = Predictor(pairs, task.kind, model, grid=grid, spacing=FOV_MM / grid, crop=False, device=device,
+                          mini_context="auto")
+    res = predictor.predict(_nifti(tin, target.affine, False))
+    return np.asarray(res.image.dataobj, dtype=np.float32), res
+
+
+def _reference_and_copy(task: DemoTask, tin: np.ndarray, tref: np.ndarray, ctx: Sequence[tuple[np.ndarray, np.ndarray]]
+                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The reference and copy-the-prompt on the scale the prediction is compared on."""
     from vicl_fast.data.preprocess import normalize_intensity
+
+    if task.kind == "seg":
+        return tref, ctx[0][1], {}
+    # Predictions are in percentile-normalised intensities ([0.02, 0.98] -> [0, 1], the context outputs
+    # normalised on their own percentiles, written as [0, 1]): compare on that scale.
+    ref = normalize_intensity(tref)[0]
+    return ref, normalize_intensity(ctx[0][1])[0], {"noisy_input" if task.family == "gaussian_noise" else "input":
+                                                    _metrics("gen", normalize_intensity(tin)[0], ref)}
+
+
+def _showcase(task: DemoTask, model, target, pool: Sequence[Any], grid: int, device: str, out: Path,
+              seed: int) -> dict[str, Any]:
+    """Draw 0 at L = N_CONTEXTS, with every input, the prediction and the baselines written as NIfTI + PNG."""
     from vicl_fast.preview import save_preview
 
     d = out / task.name
     d.mkdir(parents=True, exist_ok=True)
-    (tin, tref), ctx = _demo_pairs(task, target, contexts, seed)
+    ctx_subjects = [pool[i] for i in context_draw(N_CONTEXTS, 0)]
+    (tin, tref), ctx = _demo_pairs(task, target, ctx_subjects, seed)
     seg = task.kind == "seg"
     aff = target.affine
     files = {"target_image": _save(d / "target_image.nii.gz", tin, aff, False),
              "target_reference": _save(d / "target_reference.nii.gz", tref, aff, seg)}
-    argv = ["predict", "--target", str(files["target_image"])]
-    for i, (ci, co) in enumerate(ctx, start=1):
-        ip = _save(d / f"context{i}_image.nii.gz", ci, contexts[i - 1].affine, False)
-        lp = _save(d / f"context{i}_label.nii.gz" if seg else d / f"context{i}_output.nii.gz", co,
-                   contexts[i - 1].affine, seg)
-        argv += ["--context", str(ip), str(lp)]
+    cmd = ["predict", "--target", str(files["target_image"])]
+    for i, ((ci, co), s) in enumerate(zip(ctx, ctx_subjects), start=1):
+        ip = _save(d / f"context{i}_image.nii.gz", ci, s.affine, False)
+        lp = _save(d / f"context{i}_label.nii.gz" if seg else d / f"context{i}_output.nii.gz", co, s.affine, seg)
+        cmd += ["--context", str(ip), str(lp)]
     pred_path = d / "prediction.nii.gz"
-    argv += ["--task", task.kind, "--model", str(ckpt), "--out", str(pred_path), "--grid", str(grid),
-             "--spacing", f"{FOV_MM / grid:.6g}", "--no-crop", "--device", device, "--mini-context", "auto",
-             "--preview", str(d / "prediction.png"), "--quiet"]
+    cmd += ["--task", task.kind, "--out", str(pred_path), "--grid", str(grid), "--spacing", f"{FOV_MM / grid:.6g}",
+            "--no-crop"]
     t0 = time.perf_counter()
     with _peak_memory(device) as mem:
-        rc = cli.main(argv)
+        pred, res = _predict(model, task, tin, ctx, target, ctx_subjects, grid, device)
     wall = time.perf_counter() - t0
-    if rc != 0:
-        raise MainJobError(f"task {task.name}: `vicl-fast {' '.join(argv)}` failed with exit code {rc} "
-                           "(message above)")
-    pred_img = nib.load(str(pred_path))
-    pred = np.asarray(pred_img.dataobj, dtype=np.float32)
-    if seg:
-        ref, copy = tref, ctx[0][1]
-        extra: dict[str, Any] = {}
-    else:
-        # `vicl-fast predict` works in percentile-normalised intensities ([0.02, 0.98] -> [0, 1], the
-        # context outputs normalised on their own percentiles) and writes [0, 1] (--output-intensity
-        # unit): compare on that scale.
-        ref = normalize_intensity(tref)[0]
-        copy = normalize_intensity(ctx[0][1])[0]
-        extra = {"noisy_input": _metrics("gen", normalize_intensity(tin)[0], ref)}
+    from vicl_fast.data.io import save_image
+
+    save_image(res.image, pred_path)
+    ref, copy, extra = _reference_and_copy(task, tin, tref, ctx)
     files["copy_prompt"] = _save(d / "copy_prompt.nii.gz", copy, aff, seg)
     files["prediction"] = pred_path
-    files["prediction_png"] = d / "prediction.png"
-    # Previews of the reference and of the first context pair, for side-by-side viewing.
-    timg = nib.load(str(files["target_image"]))
+    timg = _nifti(tin, aff, False)
+    save_preview(d / "prediction.png", timg, labels=pred.astype(np.uint8) if seg else None,
+                 second=None if seg else pred)
     save_preview(d / "reference.png", timg, labels=(tref > 0.5).astype(np.uint8) if seg else None,
                  second=None if seg else tref)
-    cimg = nib.load(str(d / "context1_image.nii.gz"))
-    save_preview(d / "context1.png", cimg, labels=(ctx[0][1] > 0.5).astype(np.uint8) if seg else None,
-                 second=None if seg else ctx[0][1])
-    files["reference_png"], files["context1_png"] = d / "reference.png", d / "context1.png"
+    save_preview(d / "context1.png", _nifti(ctx[0][0], ctx_subjects[0].affine, False),
+                 labels=(ctx[0][1] > 0.5).astype(np.uint8) if seg else None, second=None if seg else ctx[0][1])
+    files["prediction_png"], files["reference_png"], files["context1_png"] = (
+        d / "prediction.png", d / "reference.png", d / "context1.png")
     return {
         "task": task.name, "kind": task.kind, "what": task.what,
         "model": _metrics(task.kind, pred, ref),
@@ -599,23 +660,123 @@ def _run_task(task: DemoTask, target, contexts, ckpt: Path, grid: int, device: s
         "peak_mem_kind": mem.get("kind", ""), "n_contexts": len(ctx),
         **({"process_peak_rss_mb": round(mem["process_peak_rss_mb"], 1)} if "process_peak_rss_mb" in mem else {}),
         "files": {k: str(v.relative_to(out)) for k, v in files.items()},
-        "command": "vicl-fast " + " ".join(a if " " not in a else repr(a) for a in argv),
+        "command": "vicl-fast " + " ".join(a if " " not in a else repr(a) for a in cmd),
+        "figure": {"input": tin, "reference": ref, "prediction": pred, "copy": copy},
     }
 
 
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std()), "values": [round(float(x), 5) for x in v]}
+
+
+def evaluate_protocol(task: DemoTask, model, target, pool: Sequence[Any], grid: int, device: str,
+                      Ls: Sequence[int], draws: int, seed: int) -> dict[str, Any]:
+    """Model and copy-the-prompt over ``draws`` random context draws per L (mean, std, values)."""
+    res: dict[str, Any] = {}
+    for L in Ls:
+        model_vals: dict[str, list[float]] = {}
+        copy_vals: dict[str, list[float]] = {}
+        for d in range(draws):
+            ctx_subjects = [pool[i] for i in context_draw(L, d, len(pool))]
+            (tin, tref), ctx = _demo_pairs(task, target, ctx_subjects, seed + 7919 * d)
+            pred, _ = _predict(model, task, tin, ctx, target, ctx_subjects, grid, device)
+            ref, copy, _ = _reference_and_copy(task, tin, tref, ctx)
+            for k, v in _metrics(task.kind, pred, ref).items():
+                model_vals.setdefault(k, []).append(v)
+            for k, v in _metrics(task.kind, copy, ref).items():
+                copy_vals.setdefault(k, []).append(v)
+        res[str(L)] = {"model": {k: _stats(v) for k, v in model_vals.items()},
+                       "copy_prompt": {k: _stats(v) for k, v in copy_vals.items()}}
+    return res
+
+
+#: The shipped model's targets on colin27 at L = 4 (issue "a trained model that ships"): metric of
+#: the model's mean minus ``copy_margin`` x copy-the-prompt's mean must reach ``at_least``.
+TARGETS: tuple[tuple[str, str, float, float], ...] = (
+    ("white_matter", "dice", 0.85, 0.0),
+    ("deep_grey", "dice", 0.65, 0.0),
+    ("deep_grey", "dice", 0.15, 1.0),
+    ("denoising", "psnr", 3.0, 1.0),
+    ("denoising", "ssim", 1e-9, 1.0),
+    ("bias_field", "psnr", 1e-9, 1.0),
+    ("bias_field", "ssim", 1e-9, 1.0),
+)
+
+
+def check_targets(rows: Sequence[dict[str, Any]], L: int = N_CONTEXTS) -> list[dict[str, Any]]:
+    """Each target of :data:`TARGETS` with the measured value (mean over draws at ``L``) and whether it is met."""
+    by = {r["task"]: r for r in rows}
+    out = []
+    for task, metric, at_least, margin in TARGETS:
+        p = by.get(task, {}).get("protocol", {}).get(str(L))
+        if not p:
+            continue
+        m = p["model"][metric]["mean"]
+        c = p["copy_prompt"][metric]["mean"]
+        value = m - margin * c
+        what = f"{metric} - copy" if margin else metric
+        out.append({"task": task, "what": what, "wanted": f">= {at_least:g}" if at_least > 1e-6 else "> 0",
+                    "measured": round(value, 4), "met": bool(value >= at_least)})
+    return out
+
+
 def _table(rows: Sequence[dict[str, Any]]) -> list[str]:
-    head = "| task | metric | model | copy-the-prompt | predict wall (s) | peak memory (MB) |"
+    head = "| task | metric | L | model (mean ± std) | copy-the-prompt (mean ± std) | draws |"
     lines = [head, "|---|---|---|---|---|---|"]
     for r in rows:
-        for m in r["model"]:
-            lines.append(f"| {r['task']} | {m} | {r['model'][m]:.4f} | {r['copy_prompt'][m]:.4f} | "
-                         f"{r['wall_s']:.2f} | {r['peak_mem_mb']:.0f} |")
+        for L, p in r["protocol"].items():
+            for m, st in p["model"].items():
+                c = p["copy_prompt"][m]
+                lines.append(f"| {r['task']} | {m} | {L} | {st['mean']:.4f} ± {st['std']:.4f} | "
+                             f"{c['mean']:.4f} ± {c['std']:.4f} | {len(st['values'])} |")
     return lines
+
+
+def _figure(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """One PNG: per task (rows) the target input, the reference, the prediction and copy-the-prompt (columns),
+    a coronal mid-slice each, labels in red over the image."""
+    from PIL import Image, ImageDraw
+
+    from vicl_fast.data.io import atomic_write
+
+    tiles = []
+    for r in rows:
+        f = r["figure"]
+        img = f["input"]
+        # Segmentation: the coronal slice showing most of the structure; generation: the middle one.
+        z = int(np.argmax((f["reference"] > 0.5).sum((0, 2)))) if r["kind"] == "seg" else img.shape[1] // 2
+        base = np.clip(np.rot90(img[:, z, :]), 0, 1)
+        row = []
+        for key in ("input", "reference", "prediction", "copy"):
+            if r["kind"] == "seg" and key != "input":
+                m = np.rot90(f[key][:, z, :]) > 0.5
+                rgb = np.stack([base] * 3, -1)
+                rgb[m] = 0.45 * rgb[m] + 0.55 * np.array([1.0, 0.1, 0.1])
+            else:
+                rgb = np.stack([np.clip(np.rot90(f[key][:, z, :]), 0, 1)] * 3, -1)
+            row.append((rgb * 255).astype(np.uint8))
+        tiles.append(np.concatenate(row, axis=1))
+    h, w = tiles[0].shape[:2]
+    scale = max(1, 192 // h)
+    label_w, head_h = 110, 18
+    canvas = Image.new("RGB", (label_w + w * scale, head_h + h * scale * len(tiles)), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(("input", "reference", "prediction", "copy-the-prompt")):
+        draw.text((label_w + j * (w // 4) * scale + 4, 3), name, fill=(255, 255, 255))
+    for i, (r, t) in enumerate(zip(rows, tiles)):
+        im = Image.fromarray(t).resize((w * scale, h * scale), Image.NEAREST)
+        canvas.paste(im, (label_w, head_h + i * h * scale))
+        draw.text((4, head_h + i * h * scale + h * scale // 2), r["task"], fill=(255, 255, 255))
+    with atomic_write(path) as tmp:
+        canvas.save(str(tmp), format="PNG")
+    return path
 
 
 def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool = False,
         cache_dir: Path | None = None, recipe: Recipe | None = None, export: Path | None = None,
-        max_train_minutes: float | None = None) -> dict[str, Any]:
+        max_train_minutes: float | None = None, full_protocol: bool = False, Ls: Sequence[int] | None = None,
+        draws: int | None = None) -> dict[str, Any]:
     """The main job (see the module docstring); returns the summary also written to ``summary.json``."""
     import torch
 
@@ -650,43 +811,69 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
     if export is not None:
         _say(f"  exported the weights in bfloat16 to {export_bf16(ckpt, Path(export), info)}")
 
-    _say(f"[2/3] predicting {len(DEMO_TASKS)} tasks with `vicl-fast predict` at {grid}^3 "
-         f"({FOV_MM / grid:.2f} mm), {N_CONTEXTS} contexts each (seconds per task on a CPU)")
+    from vicl_fast.inference import load_model
+
+    Ls = tuple(Ls) if Ls else ((N_CONTEXTS,) if not full_protocol else FULL_PROTOCOL_L)
+    draws = int(draws if draws is not None else (2 if quick else N_DRAWS))
+    _say(f"[2/3] predicting {len(DEMO_TASKS)} tasks through vicl_fast.inference (the path of `vicl-fast "
+         f"predict`) at {grid}^3 ({FOV_MM / grid:.2f} mm): {draws} random context draws for L in "
+         f"{{{', '.join(map(str, Ls))}}} from {CONTEXT_POOL} warped icbm152 copies")
+    model = load_model(ckpt, dev)
     target = load_demo_subjects(names=["colin27"], size=grid)[0]
     target = _normalised(dataclasses.replace(
         target, image=(target.image * target.masks["brain"]).astype(np.float32), has_skull=False))
-    ctx_subjects = [_normalised(s) for s in
-                    load_demo_subjects(names=["icbm152"], size=grid, n_augmented=N_CONTEXTS,
-                                       seed=CONTEXT_SEED)[1:]]
+    pool = [_normalised(s) for s in
+            load_demo_subjects(names=["icbm152"], size=grid, n_augmented=max(CONTEXT_POOL, max(Ls)),
+                               seed=CONTEXT_SEED)[1:]]
     rows = []
     for i, task in enumerate(DEMO_TASKS):
-        r = _run_task(task, target, ctx_subjects, ckpt, grid, dev, out, seed=100 + i)
-        m = ", ".join(f"{k} {v:.3f} (copy {r['copy_prompt'][k]:.3f})" for k, v in r["model"].items())
-        _say(f"  {task.name:13s} {m}; {r['wall_s']:.2f} s, peak {r['peak_mem_mb']:.0f} MB")
+        r = _showcase(task, model, target, pool, grid, dev, out, seed=100 + i)
+        t0 = time.perf_counter()
+        r["protocol"] = evaluate_protocol(task, model, target, pool, grid, dev, Ls, draws, seed=100 + i)
+        p = r["protocol"][str(Ls[0] if N_CONTEXTS not in Ls else N_CONTEXTS)]
+        m = ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f} (copy {p['copy_prompt'][k]['mean']:.3f})"
+                      for k, v in p["model"].items())
+        _say(f"  {task.name:13s} {m}; {r['wall_s']:.2f} s per prediction, peak {r['peak_mem_mb']:.0f} MB; "
+             f"protocol {time.perf_counter() - t0:.1f} s")
         rows.append(r)
 
     _say("[3/3] summary")
-    beats = [r["task"] for r in rows if all(r["model"][k] > r["copy_prompt"][k] for k in r["model"])]
+    figure = _figure(out / "figure.png", rows)
+    for r in rows:
+        r.pop("figure")
+    targets = check_targets(rows) if str(N_CONTEXTS) in rows[0]["protocol"] else []
+    lref = str(N_CONTEXTS) if str(N_CONTEXTS) in rows[0]["protocol"] else str(Ls[0])
+    beats = [r["task"] for r in rows
+             if all(v["mean"] > r["protocol"][lref]["copy_prompt"][k]["mean"] for k, v in r["protocol"][lref]["model"].items())]
     notes = [
         "Two real heads only: the target colin27 is a different person from the training/context head "
         "icbm152 (an average template), but one target is one data point.",
-        "Contexts are warped copies of icbm152 (seed 1, not the training copies). The unwarped icbm152 is "
+        f"Contexts: L warped copies of icbm152 (seed {CONTEXT_SEED}, not the training copies) drawn at random "
+        f"from a pool of {CONTEXT_POOL}, {draws} draws per L (mean ± std over draws). The unwarped icbm152 is "
         "not a context: its AAL-derived labels (deep_grey) are colin27's own atlas read at the same MNI "
         "coordinates, so copying them would give Dice 1.0.",
         "copy-the-prompt = the first context's output used as the prediction (RandP Table 2).",
-        "Denoising metrics are on the percentile-normalised [0, 1] scale that `vicl-fast predict` uses.",
-        f"Peak memory: {rows[0]['peak_mem_kind']}." if rows else "",
-        f"The model beats copy-the-prompt on: {', '.join(beats) if beats else 'no task'}.",
+        "Generation metrics are on the percentile-normalised [0, 1] scale that `vicl-fast predict` uses.",
+        f"Peak memory (showcase prediction): {rows[0]['peak_mem_kind']}." if rows else "",
+        f"The model beats copy-the-prompt (mean, L = {lref}) on: {', '.join(beats) if beats else 'no task'}.",
     ]
     summary = {
         "quick": quick, "device": dev, "torch": torch.__version__, "grid": grid,
         "spacing_mm": FOV_MM / grid, "target": "colin27 (skull-stripped with its brain mask)",
-        "contexts": [s.name for s in ctx_subjects], "model": info, "tasks": rows, "notes": [n for n in notes if n],
+        "contexts": [s.name for s in pool[:N_CONTEXTS]], "context_pool": [s.name for s in pool],
+        "draws": draws, "L": list(Ls), "model": info, "tasks": rows, "targets": targets,
+        "figure": str(figure.relative_to(out)), "notes": [n for n in notes if n],
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     lines = _table(rows)
     for ln in lines:
         _say("  " + ln)
+    tlines = ["| target (L = 4, mean over draws) | wanted | measured | met |", "|---|---|---|---|"]
+    tlines += [f"| {t['task']} {t['what']} | {t['wanted']} | {t['measured']:.4f} | {'yes' if t['met'] else 'NO'} |"
+               for t in targets]
+    if targets:
+        for ln in tlines:
+            _say("  " + ln)
     for n in summary["notes"]:
         _say("  - " + n)
     from vicl_fast.data.io import atomic_write
@@ -697,8 +884,9 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
           f"Model: {info['source']} `{Path(info['path']).name}` ({info.get('trained_on', '')}, grid {grid}^3, "
           f"{info.get('steps', '?')} steps, {info.get('train_seconds', '?')} s training on "
           f"{info.get('device', '?')}{'; PARTIAL: stopped at the --max-train-minutes limit' if info.get('partial') else ''}"
-          f"). Device: {dev}. Target: colin27; contexts: "
-          f"{', '.join(summary['contexts'])}.", "", *lines, "", *[f"- {n}" for n in summary["notes"]], ""]
+          f"). Device: {dev}. Target: colin27; contexts: L of "
+          f"{', '.join(summary['context_pool'])}.", "", *lines, "", *(tlines + [""] if targets else []),
+          f"![predictions]({summary['figure']})", "", *[f"- {n}" for n in summary["notes"]], ""]
     with atomic_write(out / "summary.md") as tmp:
         Path(tmp).write_text("\n".join(md))
     _say(f"  wrote {out / 'summary.json'}, {out / 'summary.md'} and per-task NIfTI/PNG folders; "
@@ -725,6 +913,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-minutes", type=float, default=None, metavar="M",
                    help="stop training after M minutes (checkpointed: the same command continues it); "
                         "the model so far is evaluated and exported, marked partial")
+    p.add_argument("--full-protocol", action="store_true",
+                   help=f"evaluate at every L in {FULL_PROTOCOL_L} (default: L = {N_CONTEXTS} only), "
+                        f"{N_DRAWS} context draws each")
+    p.add_argument("--draws", type=int, default=None, metavar="N",
+                   help=f"random context draws per task and L (default {N_DRAWS}; --quick: 2)")
     return p
 
 
@@ -742,8 +935,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = load_recipe(args.recipe) if args.recipe else None
         run(Path(args.out), quick=args.quick, device=args.device, retrain=args.retrain,
             cache_dir=Path(args.cache_dir) if args.cache_dir else None, recipe=recipe,
-            export=Path(args.export) if args.export else None, max_train_minutes=args.max_train_minutes)
-    except MainJobError as exc:
+            export=Path(args.export) if args.export else None, max_train_minutes=args.max_train_minutes,
+            full_protocol=args.full_protocol, draws=args.draws)
+    except ViclFastError as exc:  # MainJobError and every error of the inference path, with its exit code
         print(f"vicl_fast.main_job: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -2,7 +2,7 @@
 
 Every reader check raises an :class:`InputError` subclass whose message names
 the file and the fix; the CLI turns each subclass into a one-line message and
-its documented exit code (see :mod:`vicl_fast.cli`). Every writer goes through
+its documented exit code (see :mod:`vicl_fast.errors`). Every writer goes through
 :func:`atomic_write`: the bytes land in a temporary file in the destination
 folder and are moved into place with :func:`os.replace`, so a failure (bad
 data, full disk, Ctrl-C) never leaves a partial output behind.
@@ -29,16 +29,10 @@ import numpy as np
 
 import nibabel as nib
 
+# The error classes live in vicl_fast.errors (one hierarchy for the whole package); the readers raise them.
+from vicl_fast.errors import BadImageError, OutputError, UnreadableFileError
+
 __all__ = [
-    "InputError",
-    "UnreadableFileError",
-    "BadImageError",
-    "BadLabelError",
-    "NoContextError",
-    "BadModelError",
-    "OutputError",
-    "DeviceError",
-    "InsufficientMemoryError",
     "is_nifti_path",
     "nifti_stem",
     "load_nifti",
@@ -52,63 +46,13 @@ __all__ = [
     "default_file_mode",
     "OutputStager",
     "save_nifti",
+    "make_nifti",
+    "save_image",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-class InputError(ValueError):
-    """A problem with the user's input; ``exit_code`` is what the CLI returns for it."""
-
-    exit_code = 4
-
-
-class UnreadableFileError(InputError):
-    """A file is missing, unreadable, or not in the expected format (exit code 3)."""
-
-    exit_code = 3
-
-
-class BadImageError(InputError):
-    """An image has the wrong dimensionality, or an image/label pair disagrees (exit code 4)."""
-
-    exit_code = 4
-
-
-class BadLabelError(InputError):
-    """A label map is empty, non-binary for a binary task, or non-integer (exit code 5)."""
-
-    exit_code = 5
-
-
-class NoContextError(InputError):
-    """No context (example) pairs were given (exit code 6)."""
-
-    exit_code = 6
-
-
-class BadModelError(InputError):
-    """The model file is missing or not a checkpoint this package can load (exit code 7)."""
-
-    exit_code = 7
-
-
-class OutputError(InputError):
-    """An output path cannot be written, or would overwrite an input (exit code 8)."""
-
-    exit_code = 8
-
-
-class DeviceError(InputError):
-    """The requested device is not available (exit code 9)."""
-
-    exit_code = 9
-
-
-class InsufficientMemoryError(InputError):
-    """The request does not fit the memory of the device, estimated or met while running (exit code 10)."""
-
-    exit_code = 10
 
 
 def is_nifti_path(path: str | os.PathLike) -> bool:
@@ -580,18 +524,17 @@ class OutputStager:
             self.abort()
 
 
-def save_nifti(
+def make_nifti(
     data: np.ndarray,
     affine: np.ndarray,
-    path: str | os.PathLike,
     header: nib.Nifti1Header | None = None,
     dtype: np.dtype | type | None = None,
-) -> Path:
-    """Write ``data`` (X, Y, Z) as NIfTI atomically, keeping ``header`` fields (descrip, units, codes).
+) -> nib.Nifti1Image:
+    """``data`` (X, Y, Z) as a NIfTI image on ``affine``, keeping ``header`` fields (descrip, units, codes).
 
     Scaling (scl_slope/scl_inter) is reset so the stored values are exactly ``data``
-    cast to ``dtype`` (default: ``data.dtype``), and the display window (cal_min/cal_max) is
-    cleared. Returns the final path.
+    cast to ``dtype`` (default: ``data.dtype``; float64 is stored as float32), and the display
+    window (cal_min/cal_max) is cleared.
     """
     arr = np.asarray(data)
     if arr.ndim != 3:
@@ -614,6 +557,22 @@ def save_nifti(
         qcode = int(header["qform_code"]) or 1
         img.set_sform(np.asarray(affine, dtype=np.float64), code=scode)
         img.set_qform(np.asarray(affine, dtype=np.float64), code=qcode)
+    return img
+
+
+def save_image(img: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> Path:
+    """Write a nibabel image atomically (see :func:`atomic_write`); returns the final path."""
     with atomic_write(path) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
+
+
+def save_nifti(
+    data: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    header: nib.Nifti1Header | None = None,
+    dtype: np.dtype | type | None = None,
+) -> Path:
+    """Write ``data`` (X, Y, Z) as NIfTI atomically: :func:`make_nifti` then :func:`save_image`."""
+    return save_image(make_nifti(data, affine, header, dtype), path)
