@@ -1,6 +1,7 @@
 """Independent references shared by several test files (float64 / SciPy / PyTorch's FLOP counter).
 
-Importable from the tests as ``from _oracles import ...`` (pytest puts tests/ on ``sys.path``).
+Importable from every test folder as ``from tests._oracles import ...`` (tests/ is a package; pytest puts
+the repository root on ``sys.path``).
 """
 from __future__ import annotations
 

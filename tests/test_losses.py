@@ -77,7 +77,7 @@ def test_errors_and_weights():
 
 
 # Supplement Table 3 as printed (row -> sampling rate, weight) and the task of each row; the rows are
-# checked against the paper's text (tests/fixtures) in tests/test_task_registry.py.
+# checked against the paper's text (tests/fixtures) in tests/data/test_task_registry.py.
 _TABLE3 = [
     ("Segmentation", 2, 50, "segmentation"),
     ("Bias Remove", 1, 1, "bias_field"),

@@ -95,7 +95,7 @@ class VICL2DModel(nn.Module):
 
     Subclasses implement :meth:`forward_with_logits` returning ``(pred, logits | None)``;
     ``forward`` returns ``pred`` and keeps the logits in ``last_task_logits``.
-    ``vicl_2d = True`` lets the generic test suite (tests/test_models_2d.py) find
+    ``vicl_2d = True`` lets the generic test suite (tests/models/test_models_2d.py) find
     every 2D model; ``in_chans`` and ``size_divisor`` drive :meth:`check_inputs`.
     """
 

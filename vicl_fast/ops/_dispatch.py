@@ -544,7 +544,7 @@ def _select_name_at_trace(op: str, items: tuple[tuple[str, Any], ...]) -> str:
 
 # What torch.compiler.assume_constant_result(fn) does (it only sets this attribute), without the
 # `import torch._dynamo` it starts with: that import takes seconds and imports triton, and CPU runs
-# must not. tests/test_dispatch.py checks that dynamo still honours the mark.
+# must not. tests/ops/test_dispatch.py checks that dynamo still honours the mark.
 _select_name_at_trace._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 

@@ -24,7 +24,7 @@ is exactly optimal for those upcast costs (duals and path lengths in float64).
 :func:`linear_sum_assignment` is a drop-in for SciPy's: it takes what SciPy
 takes (NumPy arrays, nested lists, any array-like, with SciPy's conversion
 rules and NumPy arrays out) and raises SciPy's exceptions with SciPy's text
-for a 2-D input (tests/test_assignment_scipy.py holds it to that).
+for a 2-D input (tests/ops/test_assignment_scipy.py holds it to that).
 """
 from __future__ import annotations
 

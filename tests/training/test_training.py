@@ -14,59 +14,18 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from scipy import ndimage
 
+from tests.training._toy import _nv_raw, _randp_raw, _write_dataset
 from vicl_fast.training import ConfigError, config_from_dict, main
 from vicl_fast.training.checkpointing import CheckpointError, latest_checkpoint, load_training_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- fixtures
-def _write_dataset(root: Path, n: int = 5, shape=(20, 22, 18), seed: int = 0) -> Path:
-    """Synthetic 'heads': smooth blobs (image) and two nested label classes, 1.2 mm voxels."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    aff = np.diag([1.2, 1.2, 1.2, 1.0])
-    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    for i in range(n):
-        r = np.sqrt(zz ** 2 + yy ** 2 + xx ** 2) * rng.uniform(0.9, 1.1)
-        img = np.clip(1.2 - r, 0, 1) + 0.1 * ndimage.gaussian_filter(rng.standard_normal(shape), 2)
-        lab = (r < 0.7).astype(np.int16) + (r < 0.35).astype(np.int16)
-        nib.save(nib.Nifti1Image((img * 1000).astype(np.float32), aff), str(root / "images" / f"s{i}.nii.gz"))
-        nib.save(nib.Nifti1Image(lab, aff), str(root / "labels" / f"s{i}.nii.gz"))
-    return root
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return _write_dataset(tmp_path_factory.mktemp("data") / "toy")
-
-
-def _nv_raw(data: Path, out: Path, **train) -> dict:
-    return {
-        "model": {"name": "neuroverse3d_tiny"},
-        "data": {"datasets": [{"name": "toy", "path": str(data)}], "grid": [16, 16, 16],
-                 "tasks": [{"name": "segmentation", "rate": 2, "weight": 50},
-                           {"name": "gaussian_noise", "rate": 1, "weight": 1}],
-                 "context_phases": [{"from_step": 0, "min": 1, "max": 3, "mini_context": 2}],
-                 "val_fraction": 0.2, "val_episodes": 2, "val_context_size": 2},
-        "optim": {"lr": 1e-3, "plateau_patience": 0},
-        "train": {"steps": 10, "device": "cpu", "out_dir": str(out), "progress": False, "tensorboard": False,
-                  "val_every": 100, "ckpt_every": 100, "log_every": 1, **train},
-    }
-
-
-def _randp_raw(data: Path, out: Path, **train) -> dict:
-    return {
-        "model": {"name": "randp_vit_tiny"},
-        "data": {"datasets": [{"name": "toy", "path": str(data)}], "grid": [32, 32],
-                 "val_fraction": 0.2, "val_episodes": 2},
-        "optim": {"lr": 1e-3, "warmup_steps": 2},
-        "train": {"steps": 10, "batch_size": 2, "device": "cpu", "out_dir": str(out), "progress": False,
-                  "tensorboard": False, "val_every": 100, "ckpt_every": 100, "log_every": 1, **train},
-    }
 
 
 def _trainer(raw: dict):

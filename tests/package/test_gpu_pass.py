@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("gpu_pass", REPO / "tools" / "gpu_pass.py")
 gp = importlib.util.module_from_spec(_spec)
 sys.modules["gpu_pass"] = gp

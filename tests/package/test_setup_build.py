@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-SETUP = Path(__file__).resolve().parents[1] / "setup.py"
+SETUP = Path(__file__).resolve().parents[2] / "setup.py"
 MESSAGE = "TORCH_CUDA_ARCH_LIST"
 
 

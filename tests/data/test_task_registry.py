@@ -14,7 +14,7 @@ from scipy import ndimage
 from vicl_fast.data import resample as rs
 from vicl_fast.data import task_registry as reg
 
-FIXTURE = Path(__file__).parent / "fixtures" / "neuroverse3d_table3.txt"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "neuroverse3d_table3.txt"
 
 
 # ------------------------------------------------------------------- registry

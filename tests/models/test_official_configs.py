@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _oracles import count_forward_flops
+from tests._oracles import count_forward_flops
 from vicl_fast.models.neuroverse3d import fast as nv3d_fast
 from vicl_fast.models.neuroverse3d import Neuroverse3D
 from vicl_fast.models.official import (infer_official_config, load_official_neuroverse3d,
                                        to_official_state_dict)
 from vicl_fast.ops import fusion
 
-FIXTURES = Path(__file__).parent / "fixtures" / "neuroverse3d"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "neuroverse3d"
 # fixture file -> its stage widths (the file's ``inner_channels`` is the constructor argument:
 # a list for the first, the int 8 for the second)
 OFFICIAL = {"official_equalwidth_seed1.pt": [4, 4, 8, 16, 16],

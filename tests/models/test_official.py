@@ -16,7 +16,7 @@ from vicl_fast.models.official import (infer_official_config, load_official_neur
 
 
 def _fixture_dir() -> Path:
-    return Path(__file__).parent / "fixtures" / "neuroverse3d"  # the repo's own copy, never ../shared
+    return Path(__file__).resolve().parents[1] / "fixtures" / "neuroverse3d"  # the repo's own copy, never ../shared
 
 
 @pytest.fixture(scope="module")

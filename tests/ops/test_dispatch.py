@@ -28,7 +28,7 @@ from vicl_fast.ops import fusion
 from vicl_fast.ops import randp_kernels as rk
 from vicl_fast.ops.assignment import lsa_backend
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 CPU, CUDA, META = torch.device("cpu"), torch.device("cuda"), torch.device("meta")
 BACKEND_VARS = [v.name for v in d.ENV_VARS.values() if v.backend]

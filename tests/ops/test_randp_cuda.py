@@ -18,7 +18,7 @@ from vicl_fast.ops import randp_kernels as rk
 from vicl_fast.ops.assignment import matching_permutation
 from vicl_fast.ops.retrieve import match_tokens, retrieve_and_propagate, retrieve_and_propagate_reference
 
-from _oracles import cos64, scipy_perm
+from tests._oracles import cos64, scipy_perm
 
 pytestmark = pytest.mark.gpu
 

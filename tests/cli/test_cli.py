@@ -19,67 +19,9 @@ from PIL import Image
 
 import nibabel as nib
 
-from vicl_fast.checkpoint import save_checkpoint
+from tests.cli._inputs import GRID, _ctx_args
 from vicl_fast.cli import load_model, main
 from vicl_fast.data.preprocess import preprocess_image, preprocess_label, to_original
-from vicl_fast.models import create_model
-
-GRID = ["--grid", "32", "--spacing", "2.5", "--device", "cpu", "-q"]
-
-
-def _affine(zooms, angle_deg=12.0, origin=(-30.0, -35.0, -20.0)):
-    a = np.deg2rad(angle_deg)
-    R = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    A = np.eye(4)
-    A[:3, :3] = R @ np.diag(zooms)
-    A[:3, 3] = origin
-    return A
-
-
-def _case(shape, A, seed, labels=(1,)):
-    rng = np.random.default_rng(seed)
-    idx = np.indices(shape).astype(np.float64)
-    c = (np.asarray(shape) - 1)[:, None, None, None] / 2
-    r = np.sqrt(((idx - c) ** 2).sum(0))  # ball in voxel units
-    img = (100 * np.exp(-r / 8) + rng.normal(0, 2, shape)).astype(np.float32)
-    lab = np.zeros(shape, np.uint8)
-    lab[r < 5] = labels[0]
-    if len(labels) > 1:
-        lab[(r >= 5) & (r < 7)] = labels[1]
-    return nib.Nifti1Image(img, A), nib.Nifti1Image(lab, A)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    model = create_model("neuroverse3d_tiny")
-    save_checkpoint(model, d / "tiny.safetensors")
-    ctx = d / "ctx"
-    ctx.mkdir()
-    for i, (shape, zooms) in enumerate((((22, 24, 20), (2.0, 2.0, 2.5)), ((20, 26, 18), (2.2, 1.8, 3.0)))):
-        im, lb = _case(shape, _affine(zooms, 10.0 * i), seed=i)
-        nib.save(im, str(ctx / f"c{i}_image.nii.gz"))
-        nib.save(lb, str(ctx / f"c{i}_label.nii.gz"))
-        _, lb2 = _case(shape, _affine(zooms, 10.0 * i), seed=i, labels=(1, 2))
-        nib.save(lb2, str(ctx / f"c{i}_multi.nii.gz"))
-    tgt = d / "targets"
-    tgt.mkdir()
-    for i in range(2):
-        im, _ = _case((18 + 2 * i, 22, 16), _affine((2.4, 2.0, 3.2), -8.0 + 5 * i), seed=10 + i)
-        nib.save(im, str(tgt / f"t{i}.nii.gz"))
-    return d
-
-
-def _ctx_args(env, label="label"):
-    return [
-        "--context",
-        str(env / "ctx/c0_image.nii.gz"),
-        str(env / f"ctx/c0_{label}.nii.gz"),
-        "--context",
-        str(env / "ctx/c1_image.nii.gz"),
-        str(env / f"ctx/c1_{label}.nii.gz"),
-    ]
 
 
 def _manual(env, task="seg", label="label", value=1):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import vicl_fast.ops.retrieve as retrieve_mod
 from vicl_fast.ops.retrieve import match_tokens, retrieve_and_propagate, retrieve_and_propagate_reference
 
-from _oracles import cos64, scipy_perm
+from tests._oracles import cos64, scipy_perm
 
 
 def _tokens(B=2, P=9, Q=9, D=8, dtype=torch.float64, grad=True):

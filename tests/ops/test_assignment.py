@@ -370,7 +370,7 @@ def test_invalid_takes_precedence_over_infeasible():
 
 
 def test_type_and_shape_errors():
-    # Integer tensors and NumPy arrays are accepted since issue 14 (tests/test_assignment_scipy.py);
+    # Integer tensors and NumPy arrays are accepted since issue 14 (tests/ops/test_assignment_scipy.py);
     # complex tensors are refused, and shapes get SciPy's message.
     rows, cols = linear_sum_assignment(torch.ones(2, 3, 3, dtype=torch.int64))
     assert rows.shape == (2, 3) and rows.dtype == torch.int64

@@ -229,6 +229,6 @@ def test_main_job_errors_are_vicl_fast_errors():
 
 
 def test_readme_example_names_exist():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert "from vicl_fast.inference import Predictor, predict_volume" in readme
     assert {"Predictor", "predict_volume"} <= set(inference.__all__)

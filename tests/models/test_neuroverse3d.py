@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _oracles import count_forward_flops
+from tests._oracles import count_forward_flops
 from vicl_fast.models import create_model
 from vicl_fast.models.neuroverse3d import fast as nv3d_fast
 from vicl_fast.models.neuroverse3d import Neuroverse3D
@@ -16,7 +16,7 @@ from vicl_fast.ops import fusion
 
 
 def _fixture_dir() -> Path:
-    return Path(__file__).parent / "fixtures" / "neuroverse3d"  # the repo's own copy, never ../shared
+    return Path(__file__).resolve().parents[1] / "fixtures" / "neuroverse3d"  # the repo's own copy, never ../shared
 
 
 def _inputs(B=1, L=3, S=(16, 16, 16), dtype=torch.float64, seed=0):

@@ -1,7 +1,8 @@
 """``vicl-fast predict`` robustness (issue 14, "command line and inference"): no silent wrong results,
 no partial outputs, early output/memory checks, clean messages, honest progress.
 
-Same tiny inputs and model as ``test_cli.py`` (its ``env`` fixture); the CLI runs in-process.
+Same tiny inputs and model as ``test_cli.py`` (the ``env`` fixture of this folder's conftest.py);
+the CLI runs in-process.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 import nibabel as nib
 
-from test_cli import GRID, _ctx_args, env  # noqa: F401 - env is a fixture
+from tests.cli._inputs import GRID, _ctx_args
 from vicl_fast.cli import main
 from vicl_fast.models.neuroverse3d import Neuroverse3D
 
@@ -271,7 +272,7 @@ def test_2d_input_message(env, tmp_path, capsys, shape, needle):
 def test_train_check_refuses_unknown_model(tmp_path, capsys):
     import yaml
 
-    from test_training import _nv_raw, _write_dataset
+    from tests.training._toy import _nv_raw, _write_dataset
     from vicl_fast.training import main as train_main
 
     raw = _nv_raw(_write_dataset(tmp_path / "toy", n=3), tmp_path / "o")
