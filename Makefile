@@ -15,7 +15,6 @@ $(STAMP): $(BUILD_INPUTS)
 
 demo: install
 	$(PY) -m vicl_fast.main_job
-	$(PY) -m vicl_fast.demo
 
 test: install
 	$(PY) -m pytest tests -q

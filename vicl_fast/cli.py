@@ -310,7 +310,7 @@ def _run_predict(args: argparse.Namespace) -> dict[str, Any]:
         progress: list[Callable[[int], None]] = []
         predictor = Predictor(
             pairs, args.task, args.model, labels=args.labels, grid=grid, spacing=spacing,
-            crop=None if args.crop is None else args.crop, device=args.device, mini_context=args.mini_context,
+            crop=args.crop, device=args.device, mini_context=args.mini_context,
             label_batch=args.label_batch, trust_checkpoint=args.trust_checkpoint,
             progress=lambda n: [f(n) for f in progress], log=lambda m: say(f"vicl-fast: warning: {m}"),
         )

@@ -77,6 +77,17 @@ class FusionPoint:
         return f"FusionPoint(stride={self.stride}, channels={self.channels})"
 
 
+def _monai(module: str, name: str, model: str) -> Any:
+    """``monai.<module>.<name>``, or an ImportError that says how to get MONAI (an optional dependency)."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"monai.{module}"), name)
+    except ImportError:
+        raise ImportError(f"{model} is built from MONAI's blocks, and MONAI is not installed: "
+                          "pip install 'monai>=1.3' (or pip install 'vicl_fast[unets]')") from None
+
+
 def _add(feat: torch.Tensor, adds: Mapping[str, torch.Tensor] | None, key: str) -> torch.Tensor:
     """``feat + adds[key]`` when given (shapes must match exactly)."""
     if adds is None or key not in adds:
@@ -115,7 +126,7 @@ class SwinUNETR2D(nn.Module):
                  depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 7, use_flash_attention: bool = True, use_checkpoint: bool = False) -> None:
         super().__init__()
-        from monai.networks.nets import SwinUNETR
+        SwinUNETR = _monai("networks.nets", "SwinUNETR", type(self).__name__)
 
         if feature_size % 12 != 0:
             raise ValueError(f"feature_size must be a multiple of 12 (MONAI SwinUNETR), got {feature_size}")
@@ -225,7 +236,8 @@ class UXNet2D(nn.Module):
                  depths: Sequence[int] = (2, 2, 2, 2), hidden_size: int = 768, kernel_size: int = 7,
                  norm_name: str = "instance", layer_scale_init_value: float = 1e-6) -> None:
         super().__init__()
-        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+        UnetOutBlock, UnetrBasicBlock, UnetrUpBlock = (
+            _monai("networks.blocks", n, type(self).__name__) for n in ("UnetOutBlock", "UnetrBasicBlock", "UnetrUpBlock"))
 
         if len(dims) != 4 or len(depths) != 4:
             raise ValueError(f"dims and depths need 4 entries (4 stages), got {dims} and {depths}")
