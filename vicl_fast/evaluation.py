@@ -28,7 +28,7 @@ from vicl_fast.training.demo_recipe import FOV_MM
 
 __all__ = ["DemoTask", "DEMO_TASKS", "N_CONTEXTS", "CONTEXT_SEED", "CONTEXT_POOL", "N_DRAWS", "FULL_PROTOCOL_L",
            "context_draw", "showcase", "evaluate_protocol", "TARGETS", "check_targets", "table", "figure",
-           "peak_memory"]
+           "peak_memory", "learning_curve"]
 
 
 @dataclass(frozen=True)
@@ -353,3 +353,52 @@ def figure(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     return path
 
 
+
+
+def learning_curve(path: Path, panels: Sequence[tuple[str, dict[str, Sequence[tuple[float, float]]]]],
+                   xlabel: str = "training step") -> Path:
+    """A PNG of line plots, one panel per ``(title, {series name: [(x, y), ...]})``, side by side
+    (Pillow only: the package does not depend on matplotlib)."""
+    from PIL import Image, ImageDraw
+
+    from vicl_fast.data.io import atomic_write
+
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207),
+               (140, 86, 75), (127, 127, 127)]
+    pw, ph, m = 420, 300, 48
+    img = Image.new("RGB", (pw * len(panels), ph), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for k, (title, series) in enumerate(panels):
+        x0, y0, x1, y1 = k * pw + m, 24, (k + 1) * pw - 12, ph - m + 8
+        pts = [p for s in series.values() for p in s]
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        xlo, xhi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        ylo, yhi = min(ys), max(ys)
+        pad = 0.05 * (yhi - ylo or 1.0)
+        ylo, yhi = ylo - pad, yhi + pad
+
+        def at(x: float, y: float) -> tuple[float, float]:
+            return x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
+
+        draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
+        draw.text((x0, 6), title, fill=(0, 0, 0))
+        for t in range(5):  # ticks
+            yv = ylo + (yhi - ylo) * t / 4
+            draw.text((k * pw + 2, at(xlo, yv)[1] - 6), f"{yv:.3g}", fill=(80, 80, 80))
+            xv = xlo + (xhi - xlo) * t / 4
+            draw.text((at(xv, ylo)[0] - 12, y1 + 4), f"{xv:.0f}", fill=(80, 80, 80))
+        draw.text(((x0 + x1) // 2 - 30, ph - 16), xlabel, fill=(0, 0, 0))
+        for j, (name, s) in enumerate(series.items()):
+            c = colours[j % len(colours)]
+            line = [at(x, y) for x, y in sorted(s)]
+            if len(line) > 1:
+                draw.line(line, fill=c, width=2)
+            for q in line:
+                draw.ellipse((q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2), fill=c)
+            draw.text((x0 + 6, y0 + 4 + 12 * j), name, fill=c)
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        img.save(str(tmp), format="PNG")
+    return path

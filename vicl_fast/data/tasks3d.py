@@ -51,7 +51,6 @@ from vicl_fast.data.task_registry import TASKS, canonical_name, overlay_tasks, t
 
 __all__ = [
     "Subject",
-    "crop_subject",
     "random_crop_start",
     "crop_focus",
     "TaskSpec",
@@ -346,17 +345,6 @@ def _segmentation_sources(subjects: Sequence[Subject]) -> tuple[list[str], list[
     masks = set.intersection(*[set(s.masks) for s in subjects])
     maps = set.intersection(*[set(s.label_maps) for s in subjects])
     return sorted(masks), sorted(maps)
-
-
-def crop_subject(subject: Subject, start: Sequence[int], size: Sequence[int]) -> Subject:
-    """The window ``[start, start + size)`` of every volume of ``subject`` (views, no copy), with the
-    affine moved to the window's first voxel."""
-    sl = tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, size))
-    aff = np.array(subject.affine, dtype=np.float64, copy=True)
-    aff[:3, 3] = aff[:3, :3] @ np.asarray(start, dtype=np.float64) + aff[:3, 3]
-    return Subject(subject.name, subject.image[sl], {k: v[sl] for k, v in subject.masks.items()},
-                   {k: v[sl] for k, v in subject.label_maps.items()},
-                   {k: v[sl] for k, v in subject.modalities.items()}, aff, subject.has_skull, subject.source)
 
 
 def random_crop_start(shape: Sequence[int], size: Sequence[int], rng: np.random.Generator,

@@ -138,6 +138,8 @@ class DataConfig:
     augment: bool = True  # the papers' image/task augmentation
     random_foreground_p: float = 0.5  # Neuroverse3D: group k random classes into one foreground
     crop: list[int] | None = None  # Neuroverse3D: train on random windows of the grid (fully convolutional)
+    normalize: bool = False  # percentile-normalise every input and generation output as inference does
+    spatial_augment: bool = True  # the papers' spatial augmentation (off: intensity augmentation only)
 
 
 @dataclass

@@ -302,6 +302,11 @@ def context_size_for_step(cfg: Config, step: int) -> tuple[int, int | None]:
     return L, phase.mini_context
 
 
+#: Augmentation probabilities without the spatial transforms (``data.spatial_augment: false``: e.g. when
+#: the subjects are already warped copies, whose per-episode warping would dominate the step time).
+_NO_SPATIAL = {"affine": 0.0, "elastic": 0.0, "flip": 0.0, "rotate": 0.0}
+
+
 class EpisodeDataset(torch.utils.data.Dataset):
     """Map-style dataset of in-context episodes indexed by ``(step, slot)`` (see module docstring).
 
@@ -397,11 +402,18 @@ class EpisodeDataset(torch.utils.data.Dataset):
             spec = tasks3d.sample_task(subjects, rng, task.name, **kw)
         except ValueError as exc:  # e.g. no label class present in every drawn subject
             raise _Resample(str(exc)) from None
+        probs = None if self.cfg.data.spatial_augment else _NO_SPATIAL
+        pairs = [tasks3d.apply_task(spec, s, rng, augment=augment, aug_probs=probs) for s in subjects]
+        if self.cfg.data.normalize:  # what vicl_fast.inference does to every input and context output
+            from vicl_fast.data.preprocess import normalize_intensity
+
+            seg = spec.is_segmentation
+            pairs = [(normalize_intensity(a)[0], b if seg else normalize_intensity(b)[0]) for a, b in pairs]
         if self.cfg.data.crop and self.split == "train":  # one window for the whole episode
             focus = tasks3d.crop_focus(spec, subjects[0], rng)
             start = tasks3d.random_crop_start(subjects[0].image.shape, self.cfg.data.crop, rng, focus)
-            subjects = [tasks3d.crop_subject(s, start, self.cfg.data.crop) for s in subjects]
-        pairs = [tasks3d.apply_task(spec, s, rng, augment=augment) for s in subjects]
+            win = tuple(slice(a, a + n) for a, n in zip(start, self.cfg.data.crop))
+            pairs = [(a[win], b[win]) for a, b in pairs]
         ins = np.stack([a for a, _ in pairs])[:, None]
         outs = np.stack([b for _, b in pairs])[:, None]
         return {

@@ -64,6 +64,8 @@ class Recipe:
     channels: tuple[int, ...] | None = None  # None: the model's default (tiny: 4..64)
     crop: int | None = None  # train on random crop^3 windows of the grid (the model is fully convolutional)
     batch: int = 1  # episodes per step (on a CPU batch 2 costs about what batch 1 does: oneDNN convs)
+    normalize: bool = False  # percentile-normalise inputs and generation outputs as inference does
+    spatial_augment: bool = True  # per-episode spatial augmentation (off: the warped copies are the variety)
 
     @property
     def spacing(self) -> float:
@@ -239,6 +241,8 @@ def _train_config(recipe: Recipe, device: str, out_dir: Path):
             "tasks": [{"name": n, "rate": r, "weight": w} for n, r, w in recipe.tasks],
             "context_phases": [{"from_step": 0, "min": cmin, "max": cmax, "mini_context": mini}],
             "crop": [recipe.crop] * 3 if recipe.crop else None,
+            "normalize": recipe.normalize,
+            "spatial_augment": recipe.spatial_augment,
             "val_fraction": 0.12,
             "val_episodes": 2 if s <= 1000 else 8,
             "val_context_size": cmax,
