@@ -601,8 +601,11 @@ class Predictor:
         if not t:
             return f"model {src}"
         g = "x".join(map(str, _grid_tuple(t["grid"]))) if t.get("grid") else "?"
+        sp = t.get("spacing", "?")
+        sp = f"{sp[0]:g}" if isinstance(sp, list) and len(set(sp)) == 1 else sp
+        expects = f"; expects {t['expects']}" if t.get("expects") else ""
         return (f"model {src}: {t.get('description', 'Neuroverse3D')}, trained on {t.get('training_data', '?')}, "
-                f"grid {g} at {t.get('spacing', '?')} mm")
+                f"grid {g} at {sp} mm{expects}")
 
     def predict(self, target: VolumeLike, *, threshold: float = 0.5, output_intensity: str = "unit",
                 what: str = "target") -> Prediction:

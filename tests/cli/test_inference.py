@@ -102,9 +102,11 @@ def test_arrays_with_an_affine_equal_images(env):
 def test_predictor_reuses_model_and_contexts(env):
     d, pairs = env
     p = Predictor(pairs, "seg", d / "plain.safetensors", **OPTS)
-    a = p.predict(d / "target.nii.gz")
-    b = p.predict(d / "target.nii.gz")
-    one_call = predict_volume(d / "target.nii.gz", pairs, d / "plain.safetensors", **OPTS)
+    thr = float(np.median(p.predict(d / "target.nii.gz").grid_output))  # both classes in the output
+    a = p.predict(d / "target.nii.gz", threshold=thr)
+    b = p.predict(d / "target.nii.gz", threshold=thr)
+    one_call = predict_volume(d / "target.nii.gz", pairs, d / "plain.safetensors", threshold=thr, **OPTS)
+    assert set(np.unique(np.asarray(one_call.dataobj)).tolist()) == {0, 1}
     np.testing.assert_array_equal(np.asarray(a.image.dataobj), np.asarray(one_call.dataobj))
     np.testing.assert_array_equal(a.grid_output, b.grid_output)
     assert a.grid_output.shape == (1, 32, 32, 32)
@@ -158,8 +160,9 @@ def test_model_none_uses_the_shipped_checkpoint_or_says_there_is_none(env, monke
 def test_loaded_model_object_is_accepted(env):
     d, pairs = env
     model = inference.load_model(d / "plain.safetensors")
-    a = predict_volume(d / "target.nii.gz", pairs, model, **OPTS)
-    b = predict_volume(d / "target.nii.gz", pairs, d / "plain.safetensors", **OPTS)
+    a = predict_volume(d / "target.nii.gz", pairs, model, "gen", **OPTS)  # continuous outputs: a real comparison
+    b = predict_volume(d / "target.nii.gz", pairs, d / "plain.safetensors", "gen", **OPTS)
+    assert np.ptp(np.asarray(a.dataobj)) > 0
     np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
 
 

@@ -143,6 +143,7 @@ def preprocessing_metadata(recipe: Recipe, key: str) -> dict[str, Any]:
         "spacing": [round(recipe.spacing, 6)] * 3,
         "crop": True,  # real scans: fit the head's bounding box (the training heads fill the field of view)
         "intensity": "percentiles 0.02 / 0.98 -> [0, 1], clipped",
+        "expects": "brain-extracted (skull-stripped) T1-weighted MRI, like its training head",
         "description": f"Neuroverse3D ({recipe.model}, {ch}) trained by vicl_fast's trainer",
         "tasks": [{"name": n, "rate": r, "weight": w} for n, r, w in recipe.tasks],
         "segmentation_structures": list(recipe.seg_masks),
