@@ -252,3 +252,18 @@ def test_readme_runnable_example_runs(env, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.startswith("white matter Dice ")
     assert 0.0 <= float(out.split()[-1]) <= 1.0
+
+
+def test_cli_without_model_uses_the_default_and_says_which(env, monkeypatch, tmp_path, capsys):
+    d, pairs = env
+    monkeypatch.setattr(inference, "default_model_path", lambda: d / "with_meta.safetensors")
+    out = tmp_path / "seg.nii.gz"
+    ctx = [x for a, b in pairs for x in ("--context", str(a), str(b))]
+    rc = main(["predict", "--target", str(d / "target.nii.gz"), *ctx, "--out", str(out), "--device", "cpu", "-q"])
+    assert rc == 0 and out.exists()
+    err = capsys.readouterr().err
+    assert f"vicl-fast: model {d / 'with_meta.safetensors'}: tiny test model, trained on test data, grid 16x16x16" in err
+    monkeypatch.setattr(inference, "default_model_path", lambda: None)
+    rc = main(["predict", "--target", str(d / "target.nii.gz"), *ctx, "--out", str(tmp_path / "b.nii.gz"),
+               "--device", "cpu", "-q"])
+    assert rc == 7 and "no checkpoint ships" in capsys.readouterr().err
