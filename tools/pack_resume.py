@@ -12,7 +12,6 @@ accepts it; the resumed run then differs from an uninterrupted one by the moment
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -20,15 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vicl_fast.training.checkpointing import _sha256  # the digest load_training_checkpoint verifies
+
 PACKED = "state_bf16.safetensors"
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _moment(key: str) -> bool:

@@ -339,7 +339,7 @@ def _run_predict(args: argparse.Namespace) -> dict[str, Any]:
         for timg, tpath, opath in zip(target_imgs, targets, outs):
             what = f"target {tpath.name}" if batch else "target"
             pred = predictor.predict(timg, threshold=args.threshold, output_intensity=args.output_intensity,
-                                     what=what)
+                                     what=what, checked=True)
             secs["read"] += pred.seconds["preprocess"]
             secs["model"] += pred.seconds["model"]
             t = time.perf_counter()

@@ -608,12 +608,14 @@ class Predictor:
                 f"grid {g} at {sp} mm{expects}")
 
     def predict(self, target: VolumeLike, *, threshold: float = 0.5, output_intensity: str = "unit",
-                what: str = "target") -> Prediction:
+                what: str = "target", checked: bool = False) -> Prediction:
         """Predict one target; returns a :class:`Prediction` on the target's voxel grid.
 
         Args:
             threshold: seg: foreground probability threshold.
             output_intensity: gen: ``"unit"`` ([0, 1]) or ``"target"`` (the target's 2-98 percentile range).
+            checked: the caller already ran :func:`vicl_fast.data.io.check_volume_content` on ``target``
+                (the command line checks every target before loading the model).
         """
         import torch
 
@@ -625,7 +627,8 @@ class Predictor:
         t = time.perf_counter()
         timg = as_image(target, what, self.affine)
         name = _display(target)
-        check_volume_content(timg, what, name)
+        if not checked:
+            check_volume_content(timg, what, name)
         tv, tm = preprocess_image(timg, spacing=self.spacing, grid=self.grid, crop=self.crop)
         secs = {"preprocess": time.perf_counter() - t}
         t = time.perf_counter()

@@ -90,15 +90,6 @@ def _check_writable(folder: Path, what: str, flag: str) -> None:
                            EXIT_OUTPUT) from None
 
 
-def _resolve_device(name: str) -> str:
-    """``vicl-fast predict``'s device rules (:func:`vicl_fast.inference.resolve_device`)."""
-    from vicl_fast.inference import resolve_device
-
-    return resolve_device(name)  # DeviceError (exit 9) / UsageError (exit 2)
-
-
-
-
 def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool = False,
         cache_dir: Path | None = None, recipe: Recipe | None = None, export: Path | None = None,
         max_train_minutes: float | None = None, full_protocol: bool = False, Ls: Sequence[int] | None = None,
@@ -119,7 +110,9 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
     except MainJobError as exc:
         cache = Path(tempfile.mkdtemp(prefix="vicl_fast_cache_"))
         _say(f"warning: {exc}; the model is trained in {cache} and will NOT be reused next time")
-    dev = _resolve_device(device)
+    from vicl_fast.inference import resolve_device
+
+    dev = resolve_device(device)  # DeviceError (exit 9) / UsageError (exit 2)
     custom = recipe is not None
     recipe = recipe or (QUICK if quick else FULL)
 

@@ -261,12 +261,6 @@ def _train_config(recipe: Recipe, device: str, out_dir: Path):
     return config_from_dict(raw)
 
 
-def _shipped_checkpoint() -> Path | None:
-    from vicl_fast.inference import default_model_path
-
-    return default_model_path()
-
-
 def _read_demo_meta(path: Path) -> dict[str, Any]:
     from vicl_fast.checkpoint import read_metadata
 
@@ -287,7 +281,9 @@ def train_or_load(recipe: Recipe, device: str, cache_dir: Path, *, retrain: bool
     early is saved as ``*_partial.safetensors`` (``info["partial"]``), never as the recipe's cached
     model, and its checkpoints stay in the cache so the same command continues it.
     """
-    shipped = _shipped_checkpoint() if allow_shipped and not retrain else None
+    from vicl_fast.inference import default_model_path
+
+    shipped = default_model_path() if allow_shipped and not retrain else None
     if shipped is not None:
         meta = _read_demo_meta(shipped)
         grid = int(meta.get("grid", recipe.grid))
