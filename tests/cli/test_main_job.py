@@ -17,6 +17,7 @@ import pytest
 nib = pytest.importorskip("nibabel")
 
 from vicl_fast import main_job  # noqa: E402
+from vicl_fast.training import demo_recipe  # noqa: E402
 from vicl_fast.data.demo_data import load_demo_subjects  # noqa: E402
 from vicl_fast.data.metrics import dice, psnr  # noqa: E402
 
@@ -160,6 +161,30 @@ def test_recipe_with_unknown_key_is_refused(tmp_path):
     with pytest.raises(UsageError, match="stepz") as ei:  # exit code 2 from the main job
         main_job.load_recipe(f)
     assert ei.value.exit_code == 2
+
+
+def test_recipe_init_from_is_relative_to_the_file_and_keyed_by_content(tmp_path):
+    """A second-phase recipe names its starting weights relative to the recipe file; the cache key and
+    the metadata carry the file's name and SHA-256, so a copy elsewhere gives the same key."""
+    import shutil
+
+    from vicl_fast.errors import UsageError
+
+    (tmp_path / "a" / "w").mkdir(parents=True)
+    (tmp_path / "a" / "w" / "init.safetensors").write_bytes(b"weights v1")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for d in ("a", "b"):
+        (tmp_path / d / "r.yaml").write_text("grid: 32\nema: 0.998\ninit_from: w/init.safetensors\n")
+    ra, rb = (main_job.load_recipe(tmp_path / d / "r.yaml") for d in ("a", "b"))
+    assert Path(ra.init_from) == (tmp_path / "a" / "w" / "init.safetensors").resolve() and ra.ema == 0.998
+    assert main_job.recipe_key(ra) == main_job.recipe_key(rb)
+    doc = demo_recipe.recipe_doc(ra)
+    assert doc["init_from"].startswith("init.safetensors sha256:") and str(tmp_path) not in json.dumps(doc)
+    (tmp_path / "b" / "w" / "init.safetensors").write_bytes(b"weights v2")
+    assert main_job.recipe_key(ra) != main_job.recipe_key(rb)
+    (tmp_path / "b" / "w" / "init.safetensors").unlink()
+    with pytest.raises(UsageError, match="init_from"):
+        main_job.recipe_key(rb)
 
 
 def test_bf16_export_loads_through_the_cli_loader(quick_run, tmp_path):

@@ -687,3 +687,90 @@ def test_folder_masks_and_targets(tmp_path, capsys):
         hit = [(s, _find_slice(s.image, qi)) for s in (src.subject(i) for i in range(len(src)))]
         s, (ax, i) = next((s, h) for s, h in hit if h is not None)
         np.testing.assert_allclose(ql, np.clip(np.take(s.modalities["target"], i, axis=ax), 0, 1), atol=1e-6)
+
+
+def test_init_from_starts_from_weights_with_a_fresh_optimizer(dataset, tmp_path):
+    """train.init_from (fine-tuning, a second training phase): the model starts from the given weights
+    (a checkpoint folder or a vicl_fast .safetensors file), the optimizer and step start at zero, and a
+    later restart resumes the run's own checkpoint instead of re-initialising."""
+    from vicl_fast.checkpoint import save_checkpoint
+
+    first = _trainer(_nv_raw(dataset, tmp_path / "a", steps=3, ckpt_every=3))
+    first.fit()
+    ref = _params(first.model)
+    save_checkpoint(first.model, tmp_path / "a.safetensors", model_name="neuroverse3d")
+    for src in (tmp_path / "a" / "checkpoints" / "step_00000003", tmp_path / "a.safetensors"):
+        out = tmp_path / f"b_{src.name}"
+        tr = _trainer(_nv_raw(dataset, out, steps=2, ckpt_every=2, init_from=str(src)))
+        assert tr.step == 0 and not tr.optimizer.state_dict()["state"]
+        got = _params(tr.model)
+        for k in ref:
+            assert torch.equal(ref[k], got[k]), k
+        tr.fit()
+        moved = _params(tr.model)
+        assert any(not torch.equal(ref[k], moved[k]) for k in ref)
+        again = _trainer(_nv_raw(dataset, out, steps=2, ckpt_every=2, init_from=str(src)))
+        assert again.step == 2
+        for k in moved:
+            assert torch.equal(moved[k], _params(again.model)[k]), k
+
+
+def test_init_from_errors_are_named(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="train.init_from: .*does not exist"):
+        config_from_dict(_nv_raw(dataset, tmp_path / "x", init_from=str(tmp_path / "missing.safetensors")))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        _trainer(_nv_raw(dataset, tmp_path / "y", init_from=str(bad)))
+    other = _trainer(_nv_raw(dataset, tmp_path / "z", steps=1))
+    from vicl_fast.checkpoint import save_checkpoint
+
+    save_checkpoint(other.model, tmp_path / "wide.safetensors", model_name="neuroverse3d")
+    raw = _nv_raw(dataset, tmp_path / "w", init_from=str(tmp_path / "wide.safetensors"))
+    raw["model"]["kwargs"] = {"channels": [8, 16, 32, 64, 128]}
+    with pytest.raises(CheckpointError, match="does not fit the configured model"):
+        _trainer(raw)
+
+
+def test_ema_of_weights_is_validated_saved_and_resumed(dataset, tmp_path):
+    """train.ema: the average follows w_avg <- d w_avg + (1 - d) w after each step (checked against the
+    weights recorded step by step), validation evaluates it, and a resumed run ends with the same
+    average as an uninterrupted one."""
+    d = 0.9
+    extra = dict(steps=4, ckpt_every=2, val_every=4, ema=d)
+    tr = _trainer(_nv_raw(dataset, tmp_path / "full", **extra))
+    seen = []
+    orig = tr.optimizer.step
+
+    def step(*a, **k):
+        out = orig(*a, **k)
+        seen.append(_params(tr.model))
+        return out
+
+    tr.optimizer.step = step
+    tr.fit()
+    ref = {k: v.double() for k, v in seen[0].items()}  # the first update copies the weights
+    for w in seen[1:]:
+        ref = {k: d * ref[k] + (1 - d) * w[k].double() for k in ref}
+    got = _params(tr.eval_model)
+    for k in ref:
+        torch.testing.assert_close(got[k].double(), ref[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(got[k], seen[-1][k]) for k in got)
+    # validation scores the average: swap it out and the loss changes
+    val_avg = tr.validate()["loss"]
+    tr.ema = None
+    assert tr.validate()["loss"] != val_avg
+
+    killed = _trainer(_nv_raw(dataset, tmp_path / "killed", **extra))
+    killed.fit(max_steps=3)
+    del killed
+    resumed = _trainer(_nv_raw(dataset, tmp_path / "killed", **extra))
+    assert resumed.step == 2
+    resumed.fit()
+    for k, v in _params(resumed.eval_model).items():
+        assert torch.equal(v, got[k]), k
+
+
+def test_ema_out_of_range_is_named(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="train.ema"):
+        config_from_dict(_nv_raw(dataset, tmp_path / "x", ema=1.0))

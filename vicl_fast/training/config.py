@@ -171,6 +171,12 @@ class TrainConfig:
     keep_last: int = 3
     out_dir: str = "runs/train"
     resume: str = "auto"  # "auto" (latest in out_dir if any), "none", or a checkpoint folder
+    # Weights to start from when nothing is resumed (fine-tuning; a second training phase): a vicl_fast
+    # checkpoint file (.safetensors) or a training checkpoint folder. Optimizer and schedule start fresh.
+    init_from: str | None = None
+    # Exponential moving average of the weights (decay per step, e.g. 0.998; 0: off). Validation, best/
+    # and the exported model use the average: it smooths the step-to-step noise of small batches.
+    ema: float = 0.0
     progress: bool = True
     tensorboard: bool = True  # used when the tensorboard package is installed
     find_unused_parameters: bool = False
@@ -375,6 +381,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError("data.context_phases: from_step must increase")
     if cfg.family == "randp" and any(p.max != 1 for p in phases):
         raise ConfigError("data.context_phases: RandP models take one prompt pair; use min: 1, max: 1")
+    if not 0.0 <= cfg.train.ema < 1.0:
+        raise ConfigError(f"train.ema: {cfg.train.ema} is not a decay in [0, 1) (e.g. 0.998; 0 turns it off)")
+    init = cfg.train.init_from
+    if init is not None and not Path(init).exists():
+        raise ConfigError(f"train.init_from: {init} does not exist; give a vicl_fast checkpoint file "
+                          "(.safetensors) or a training checkpoint folder (.../checkpoints/step_*), or remove it")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     t = cfg.train

@@ -28,8 +28,8 @@ from vicl_fast.data.task_registry import default_tasks
 from vicl_fast.errors import UsageError, ViclFastError
 from vicl_fast.training.datasets import SubjectSource
 
-__all__ = ["Recipe", "FULL", "QUICK", "FOV_MM", "load_recipe", "recipe_key", "train_or_load", "export_bf16",
-           "preprocessing_metadata", "training_subjects", "normalised"]
+__all__ = ["Recipe", "FULL", "QUICK", "FOV_MM", "load_recipe", "recipe_doc", "recipe_key", "train_or_load",
+           "export_bf16", "preprocessing_metadata", "training_subjects", "normalised"]
 
 #: Bump when the meaning of a recipe changes (invalidates every cached model).
 RECIPE_VERSION = 1
@@ -66,6 +66,10 @@ class Recipe:
     batch: int = 1  # episodes per step (on a CPU batch 2 costs about what batch 1 does: oneDNN convs)
     normalize: bool = False  # percentile-normalise inputs and generation outputs as inference does
     spatial_augment: bool = True  # per-episode spatial augmentation (off: the warped copies are the variety)
+    ema: float = 0.0  # decay of the weights' moving average that is validated and exported (0: off)
+    # Weights to start from (a second training phase): a vicl_fast .safetensors file; relative paths in a
+    # recipe file are relative to that file. Keys and metadata carry its name and SHA-256, not its path.
+    init_from: str | None = None
 
     @property
     def spacing(self) -> float:
@@ -99,9 +103,23 @@ def _data_digest() -> str:
     return h.hexdigest()
 
 
+def recipe_doc(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as JSON, ``init_from`` as ``"<file name> sha256:<digest>"`` (what the weights are, not
+    where this machine keeps them)."""
+    from vicl_fast.training.checkpointing import _sha256
+
+    doc = dataclasses.asdict(recipe)
+    if recipe.init_from is not None:
+        f = Path(recipe.init_from)
+        if not f.is_file():
+            raise UsageError(f"recipe init_from: {f} is not a file; give the .safetensors weights to start from")
+        doc["init_from"] = f"{f.name} sha256:{_sha256(f)}"
+    return doc
+
+
 def recipe_key(recipe: Recipe) -> str:
     """16 hex digits identifying ``recipe`` + the embedded data + :data:`RECIPE_VERSION`."""
-    doc = {"recipe": dataclasses.asdict(recipe), "version": RECIPE_VERSION, "data": _data_digest()}
+    doc = {"recipe": recipe_doc(recipe), "version": RECIPE_VERSION, "data": _data_digest()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -127,6 +145,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             v = tuple((str(t["name"]), float(t.get("rate", 1.0)), float(t.get("weight", 1.0))) for t in v)
         elif isinstance(v, list):
             v = tuple(v)
+        elif k == "init_from" and v is not None:
+            v = str((p.parent / str(v)).resolve())
         kw[k] = v
     r = dataclasses.replace(FULL, **kw)
     if r.grid <= 0 or r.grid % 16:
@@ -149,7 +169,7 @@ def preprocessing_metadata(recipe: Recipe, key: str) -> dict[str, Any]:
         "segmentation_structures": list(recipe.seg_masks),
         "training_data": f"icbm152 + {recipe.train_variants} warped copies (embedded demo MRI, brain-extracted "
                          "T1, MNI space)",
-        "recipe": dataclasses.asdict(recipe),
+        "recipe": recipe_doc(recipe),
         "recipe_hash": key,
         "data_licence": "derived from the MNI ICBM152 2009 template; notice in vicl_fast/data/LICENSE-DATA.txt",
     }
@@ -256,7 +276,8 @@ def _train_config(recipe: Recipe, device: str, out_dir: Path):
         "train": {"steps": s, "batch_size": recipe.batch, "seed": recipe.seed, "device": device, "apsp_mode": "scaled",
                   "val_every": s if s <= 1000 else max(100, min(500, s // 10)), "ckpt_every": max(10, min(250, s // 4)),
                   "log_every": max(1, min(50, s // 20)), "keep_last": 1,
-                  "out_dir": str(out_dir), "resume": "auto", "progress": False, "tensorboard": False},
+                  "out_dir": str(out_dir), "resume": "auto", "progress": False, "tensorboard": False,
+                  "ema": recipe.ema, "init_from": recipe.init_from},
     }
     return config_from_dict(raw)
 
@@ -353,7 +374,7 @@ def _train(recipe: Recipe, device: str, cache_dir: Path, ckpt: Path, key: str, f
         per_step = (time.perf_counter() - t1) / max(1, done)
         if trainer.step % chunk == 0:
             snapshots.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(trainer.model, snapshots / f"step_{trainer.step:06d}.safetensors", model_name="neuroverse3d")
+            save_checkpoint(trainer.eval_model, snapshots / f"step_{trainer.step:06d}.safetensors", model_name="neuroverse3d")
         _say(f"  step {trainer.step:4d}/{recipe.steps}  last loss {result['loss']:.4f}  "
              f"elapsed {_fmt_s(time.perf_counter() - t0)}  ETA {_fmt_s(per_step * (recipe.steps - trainer.step))}")
     train_s = time.perf_counter() - t0
@@ -366,13 +387,13 @@ def _train(recipe: Recipe, device: str, cache_dir: Path, ckpt: Path, key: str, f
              f"the same command continues from {run_dir / 'checkpoints'}")
     val = {k: v for k, v in (result.get("val") or trainer.last_val or {}).items()
            if isinstance(v, float) and math.isfinite(v)}
-    meta = {"key": key, "recipe": dataclasses.asdict(recipe), "grid": recipe.grid, "steps": trainer.step,
+    meta = {"key": key, "recipe": recipe_doc(recipe), "grid": recipe.grid, "steps": trainer.step,
             "train_seconds": round(train_s, 1), "device": device, "final_loss": result.get("loss"),
             "val_on_held_out_icbm152_copies": val, "trained_on": f"icbm152 + {recipe.train_variants} warped copies",
             "date": time.strftime("%Y-%m-%d %H:%M"), "partial": partial}
     from vicl_fast.checkpoint import PREPROCESSING_KEY
 
-    save_checkpoint(trainer.model, ckpt, model_name="neuroverse3d",  # atomic: temp file + rename
+    save_checkpoint(trainer.eval_model, ckpt, model_name="neuroverse3d",  # atomic: temp file + rename
                     extra_metadata={_META_KEY: json.dumps(meta),
                                     PREPROCESSING_KEY: json.dumps(preprocessing_metadata(recipe, key))})
     if not partial:

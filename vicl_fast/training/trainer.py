@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from vicl_fast.training import distributed as D
 from vicl_fast.training.checkpointing import (
@@ -44,7 +45,7 @@ from vicl_fast.training.checkpointing import (
     restore_rng, save_training_checkpoint, update_best,
 )
 from vicl_fast.data.task_registry import family_dims, get_task
-from vicl_fast.training.config import Config, config_to_dict
+from vicl_fast.training.config import Config, ModelConfig, config_to_dict, family_of
 from vicl_fast.training.datasets import (
     EpisodeDataset, StepBatchSampler, build_sources, context_size_for_step, make_loader, resolve_tasks,
 )
@@ -156,6 +157,11 @@ class Trainer:
         self.model, self.model_kwargs = build_model(cfg, len(self.tasks))
         self.model.to(self.device)
         self.ddp = D.wrap_model(self.model, self.env, t.find_unused_parameters)
+        # The average of the weights (train.ema), updated after every optimizer step; a library class
+        # (torch.optim.swa_utils) so that its update rule is torch's, not ours.
+        self.ema: AveragedModel | None = None
+        if t.ema > 0:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True)
         # ---- optimisation
         o = cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -189,9 +195,52 @@ class Trainer:
             return
         path = latest_checkpoint(self.ckpt_dir) if r == "auto" else Path(r)
         if path is None:
+            if self.cfg.train.init_from:
+                self.init_weights(self.cfg.train.init_from)
             return
         self.load_checkpoint(path)
         log.info("resumed from %s (step %d)", path, self.step)
+
+    def init_weights(self, path: str | Path) -> None:
+        """Start from the weights of ``path`` (a vicl_fast ``.safetensors`` checkpoint or a training
+        checkpoint folder) with a fresh optimizer and schedule: ``train.init_from``."""
+        from vicl_fast.checkpoint import read_metadata
+
+        p = Path(path)
+        if p.is_dir():
+            doc, weights, _ = load_training_checkpoint(p, map_location=self.device)
+            name = doc.get("model")
+        else:
+            from safetensors.torch import load_file
+
+            try:
+                name = read_metadata(p).get("vicl_fast.model")
+                weights = load_file(str(p), device=str(self.device))
+            except Exception as exc:  # noqa: BLE001 (safetensors raises its own SafetensorError)
+                raise CheckpointError(f"train.init_from {p} cannot be read ({exc}); give a vicl_fast "
+                                      "checkpoint file or a training checkpoint folder") from None
+        if name is not None and family_of(ModelConfig(name=name)) != self.family:
+            raise CheckpointError(f"train.init_from {p} holds a {name!r} model, the config builds "
+                                  f"{self.cfg.model.name!r}; give a checkpoint of the same model")
+        try:
+            self.model.load_state_dict(weights, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise CheckpointError(f"train.init_from {p} does not fit the configured model (model.kwargs "
+                                  f"differ?): {first[1].strip() if len(first) > 1 else first[0]}") from None
+        self._reset_ema()
+        log.info("initialised the weights from %s", p)
+
+    def _reset_ema(self) -> None:
+        """The average restarts from the current weights (nothing averaged yet)."""
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.model.state_dict())
+            self.ema.n_averaged.zero_()
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The model that is validated and exported: the weights' average with ``train.ema``, else the model."""
+        return self.ema.module if self.ema is not None else self.model
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore model, optimizer, scheduler, RNG and step from a checkpoint folder."""
@@ -206,6 +255,11 @@ class Trainer:
         self.optimizer.load_state_dict(states["optimizer"])
         if self.scheduler is not None and states.get("scheduler") is not None:
             self.scheduler.load_state_dict(states["scheduler"])
+        if self.ema is not None:
+            if states.get("ema") is not None:
+                self.ema.load_state_dict(states["ema"])
+            else:  # a run that had no average: it starts here
+                self._reset_ema()
         restore_rng(states["rng"])
         self.step = int(doc["step"])
         self.best = float(doc["meta"].get("best", math.inf))
@@ -216,6 +270,7 @@ class Trainer:
         if self.env.is_main:
             states = {"optimizer": self.optimizer.state_dict(),
                       "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                      "ema": self.ema.state_dict() if self.ema is not None else None,
                       "rng": capture_rng()}
             meta = {"best": self.best, "val": self.last_val, "config": config_to_dict(self.cfg),
                     "tasks": [t.name for t in self.tasks]}
@@ -239,7 +294,7 @@ class Trainer:
         dev = self.device
         task = batch["task"].to(dev)
         w = batch["weight"].to(dev)
-        net = self.ddp if train else self.model
+        net = self.ddp if train else self.eval_model
         if self.family == "neuroverse3d":
             target = batch["target_in"].to(dev, non_blocking=True)
             ci, co = batch["context_in"], batch["context_out"]  # stay on the host: APSP streams them
@@ -263,7 +318,7 @@ class Trainer:
             # query image are never masked and the query label is never an input; the model puts its
             # learnable [MASK] token in the whole query-label quadrant, in training as at inference.
             pred = net(pi, pl, qi)
-        logits = self.model.last_task_logits if hasattr(self.model, "last_task_logits") else None
+        logits = getattr(self.model if train else self.eval_model, "last_task_logits", None)
         pred = pred.float()
         per = F.smooth_l1_loss(pred, y, reduction="none", beta=1.0).flatten(1).mean(1)
         loss = (w * per).mean()
@@ -303,6 +358,8 @@ class Trainer:
         # decision below is identical on every process.
         if torch.isfinite(norm):
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
         else:
             log.warning("step %d: non-finite gradient norm (%s): update skipped", step, float(norm))
         return {"loss": float(loss.detach()), "grad_norm": float(norm), "lr": self.optimizer.param_groups[0]["lr"]}
@@ -312,7 +369,7 @@ class Trainer:
         """Loss, Dice and PSNR on the fixed validation episodes (sharded over processes)."""
         from vicl_fast.data.metrics import dice, psnr, ssim
 
-        self.model.eval()
+        self.eval_model.eval()
         T = len(self.tasks)
         # loss_sum, metric_sum, count, metric_count, ssim_sum, ssim_count (SSIM: RandP's generation metric)
         acc = torch.zeros(T, 6, dtype=torch.float64)
