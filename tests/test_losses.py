@@ -116,3 +116,53 @@ def test_task_loss_is_the_registry_loss():
         torch.testing.assert_close(losses.task_loss(pred, tgt, fam), weight * ref(pred, tgt), rtol=0, atol=0)
         torch.testing.assert_close(losses.task_loss(pred, tgt, fam, weighted=False, reduction="none"),
                                    ref(pred, tgt, "none"), rtol=0, atol=0)
+
+
+def test_soft_dice_against_float64_sums():
+    """Per-sample soft Dice from independent float64 sums; clamping to [0, 1]; an empty target with an
+    empty prediction scores 0 loss; gradients."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(3, 1, 5, 6, 7, generator=g) * 1.4 - 0.2
+    y = (torch.rand(3, 1, 5, 6, 7, generator=g) > 0.7).float()
+    y[2] = 0
+    pred[2] = -0.5
+    p, t = np.clip(pred.double().numpy(), 0, 1).reshape(3, -1), y.double().numpy().reshape(3, -1)
+    ref = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
+    got = losses.soft_dice_loss(pred, y, "none")
+    assert got.shape == (3,) and ref[2] == 0
+    torch.testing.assert_close(got.double(), torch.from_numpy(ref), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses.soft_dice_loss(pred, y), got.mean())
+    x = (torch.rand(2, 1, 3, 3, 3, generator=g, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()
+    yy = (torch.rand(2, 1, 3, 3, 3, generator=g) > 0.5).double()
+    assert torch.autograd.gradcheck(lambda a: losses.soft_dice_loss(a, yy), (x,))
+
+
+def test_config_dice_weight_adds_soft_dice_to_segmentation_only(tmp_path):
+    """data.tasks[].dice_weight: a segmentation sample's loss is Eq. 6 + dice_weight x soft Dice, a
+    generation sample's is unchanged; misuse is a named ConfigError."""
+    from tests.training._toy import _nv_raw, _randp_raw, _write_dataset
+    from vicl_fast.training import ConfigError, config_from_dict
+    from vicl_fast.training.trainer import Trainer
+
+    data = _write_dataset(tmp_path / "toy")
+    raw = _nv_raw(data, tmp_path / "r")
+    raw["data"]["tasks"][0]["dice_weight"] = 0.3
+    tr = Trainer(config_from_dict(raw))
+    g = torch.Generator().manual_seed(1)
+    pred, y = torch.rand(2, 1, 4, 4, 4, generator=g), (torch.rand(2, 1, 4, 4, 4, generator=g) > 0.5).float()
+    per = tr._nv_per_sample(pred, y, torch.tensor([0, 1]))
+    torch.testing.assert_close(per[0], losses.modified_smooth_l1(pred[:1], y[:1]) + 0.3 * losses.soft_dice_loss(pred[:1], y[:1]))
+    torch.testing.assert_close(per[1], losses.generation_loss(pred[1:], y[1:]))
+    raw["data"]["tasks"][1]["dice_weight"] = 0.3
+    with pytest.raises(ConfigError, match=r"data.tasks\[1\] \(gaussian_noise\).dice_weight: a Dice term"):
+        config_from_dict(raw)
+    raw["data"]["tasks"][1]["dice_weight"] = 0.0
+    raw["data"]["tasks"][0]["dice_weight"] = -1
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        config_from_dict(raw)
+    r2 = _randp_raw(data, tmp_path / "q")
+    r2["data"]["tasks"] = [{"name": "segmentation", "dice_weight": 0.1}]
+    with pytest.raises(ConfigError, match="for Neuroverse3D segmentation tasks only"):
+        config_from_dict(r2)

@@ -153,6 +153,24 @@ def test_gpu_recipe_parses_and_is_small_enough_to_ship():
     assert main_job.recipe_key(r) != main_job.recipe_key(main_job.FULL)
 
 
+def test_cpu_recipes_parse_and_phase2_starts_from_the_committed_phase1_weights():
+    """train/configs/demo_cpu.yaml (phase 1) and demo_cpu_phase2.yaml (the shipped model's phase 2, from
+    phase 1's committed step-1,000 weights) parse; phase 2's starting weights fit its model."""
+    from safetensors.torch import load_file
+
+    from vicl_fast.models import create_model
+
+    root = Path(__file__).resolve().parents[2]
+    p1 = main_job.load_recipe(root / "train" / "configs" / "demo_cpu.yaml")
+    p2 = main_job.load_recipe(root / "train" / "configs" / "demo_cpu_phase2.yaml")
+    assert p2.init_from == str(root / "train" / "resume" / "demo_cpu_v2_step1000" / "model.safetensors")
+    assert p2.ema > 0 and p2.seg_dice_weight > 0 and p1.init_from is None and p1.seg_dice_weight == 0
+    assert (p2.grid, p2.channels, p2.model) == (p1.grid, p1.channels, p1.model)
+    model = create_model(p2.model, channels=p2.channels)
+    model.load_state_dict(load_file(p2.init_from), strict=True)
+    assert demo_recipe.recipe_doc(p2)["init_from"].startswith("model.safetensors sha256:506ebe9adfdcbde9")
+
+
 def test_recipe_with_unknown_key_is_refused(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text("grid: 32\nstepz: 10\n")

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from vicl_fast.data.task_registry import TASKS, canonical_names, family_dims, task_names
+from vicl_fast.data.task_registry import TASKS, canonical_names, family_dims, get_task, task_names
 
 __all__ = [
     "Config", "ModelConfig", "DatasetConfig", "TaskConfig", "ContextPhase", "DataConfig",
@@ -110,6 +110,7 @@ class TaskConfig:
     name: str = ""
     rate: float = 1.0
     weight: float = 1.0
+    dice_weight: float = 0.0  # Neuroverse3D segmentation: + dice_weight x soft Dice (0: the paper's Eq. 6)
 
 
 @dataclass
@@ -354,6 +355,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.tasks[{i}]: task {t.name!r} is listed twice")
         if t.rate <= 0 or t.weight <= 0:
             raise ConfigError(f"data.tasks[{i}] ({t.name}): rate and weight must be > 0")
+        if t.dice_weight < 0:
+            raise ConfigError(f"data.tasks[{i}] ({t.name}).dice_weight must be >= 0 (0: no Dice term)")
+        if t.dice_weight and (cfg.family != "neuroverse3d" or get_task(t.name).kind != "seg"):
+            raise ConfigError(f"data.tasks[{i}] ({t.name}).dice_weight: a Dice term is for Neuroverse3D "
+                              "segmentation tasks only (remove the key)")
     grid = cfg.data.grid or []
     want = 3 if cfg.family == "neuroverse3d" else 2
     if len(grid) != want or any(g <= 0 for g in grid):

@@ -66,6 +66,7 @@ class Recipe:
     batch: int = 1  # episodes per step (on a CPU batch 2 costs about what batch 1 does: oneDNN convs)
     normalize: bool = False  # percentile-normalise inputs and generation outputs as inference does
     spatial_augment: bool = True  # per-episode spatial augmentation (off: the warped copies are the variety)
+    seg_dice_weight: float = 0.0  # segmentation loss: Eq. 6 + this x soft Dice (0: the paper's Eq. 6)
     ema: float = 0.0  # decay of the weights' moving average that is validated and exported (0: off)
     # Weights to start from (a second training phase): a vicl_fast .safetensors file; relative paths in a
     # recipe file are relative to that file. Keys and metadata carry its name and SHA-256, not its path.
@@ -259,7 +260,9 @@ def _train_config(recipe: Recipe, device: str, out_dir: Path):
         "data": {
             "datasets": [{"name": "demo_icbm152", "path": "demo"}],  # replaced by the held-out split below
             "grid": [recipe.grid] * 3,
-            "tasks": [{"name": n, "rate": r, "weight": w} for n, r, w in recipe.tasks],
+            "tasks": [{"name": n, "rate": r, "weight": w,
+                       **({"dice_weight": recipe.seg_dice_weight} if n == "segmentation" else {})}
+                      for n, r, w in recipe.tasks],
             "context_phases": [{"from_step": 0, "min": cmin, "max": cmax, "mini_context": mini}],
             "crop": [recipe.crop] * 3 if recipe.crop else None,
             "normalize": recipe.normalize,

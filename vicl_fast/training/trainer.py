@@ -145,6 +145,7 @@ class Trainer:
         task_defs = [get_task(tk.name) for tk in self.tasks]  # vicl_fast.data.task_registry
         self.task_kinds = [t.kind for t in task_defs]
         self.task_losses = [t.loss(self.dims) for t in task_defs]  # Neuroverse3D: Eq. 6 or Eq. 7
+        self.dice_weights = [tk.dice_weight for tk in self.tasks]  # + soft Dice (a config option)
         self.task_metrics = [t.metrics(self.dims) for t in task_defs]
         self.train_ds = EpisodeDataset(cfg, self.sources, self.tasks, self.providers, "train")
         self.val_ds = EpisodeDataset(cfg, self.sources, self.tasks, self.providers, "val")
@@ -334,13 +335,16 @@ class Trainer:
 
     def _nv_per_sample(self, pred: torch.Tensor, y: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """Unweighted per-sample losses (B,): each sample by its task's loss (the registry's key)."""
-        from vicl_fast.losses import LOSSES
+        from vicl_fast.losses import LOSSES, soft_dice_loss
 
         keys = [self.task_losses[i] for i in task.tolist()]
         per = torch.zeros(pred.shape[0], device=pred.device, dtype=pred.dtype)
         for key in sorted(set(keys)):
             idx = torch.tensor([b for b, k in enumerate(keys) if k == key], device=pred.device)
             per = per.index_put((idx,), LOSSES[key](pred[idx], y[idx], "none"))
+        dw = torch.tensor([self.dice_weights[i] for i in task.tolist()], device=pred.device, dtype=pred.dtype)
+        if bool((dw > 0).any()):
+            per = per + dw * soft_dice_loss(pred, y, "none")
         return per
 
     def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
