@@ -182,14 +182,17 @@ def export_bf16(ckpt: Path, dest: Path, info: dict[str, Any]) -> Path:
     ``vicl_fast/checkpoints/demo_neuroverse3d.safetensors`` (the checkpoint shipped with the package)."""
     import torch
 
-    from vicl_fast.checkpoint import PREPROCESSING_KEY, load_checkpoint, save_checkpoint
+    from vicl_fast.checkpoint import PREPROCESSING_KEY, load_checkpoint, read_metadata, save_checkpoint
 
     model = load_checkpoint(ckpt)
     sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     meta = {k: v for k, v in info.items() if k not in ("source", "path")}
     meta["dtype"] = "bfloat16"
     extra = {_META_KEY: json.dumps(meta, default=str)}
-    if isinstance(meta.get("recipe"), dict):
+    trained_with = read_metadata(ckpt).get(PREPROCESSING_KEY)  # written by the training (_train)
+    if trained_with:
+        extra[PREPROCESSING_KEY] = trained_with
+    elif isinstance(meta.get("recipe"), dict):
         recipe = Recipe(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
                            for k, v in meta["recipe"].items()})
         extra[PREPROCESSING_KEY] = json.dumps(preprocessing_metadata(recipe, str(meta.get("key", ""))))
