@@ -1,6 +1,7 @@
 """The demo model's learning curve: colin27 metrics of every weight snapshot of a training run, as a PNG.
 
-    python train/demo_curve.py --run-dir ~/.cache/vicl_fast/runs/demo_64_<key> --out docs/demo_learning_curve.png
+    python train/demo_curve.py --run-dir CACHE/runs/demo_64_demo_cpu_v2 \
+        --run-dir CACHE/runs/demo_64_demo_cpu_phase2@1000 --out docs/demo_learning_curve.png
 
 Evaluates each ``snapshots/step_*.safetensors`` of the run not yet in ``<run-dir>/colin27_curve.json``
 (held-out colin27 at 64^3, L = 4, ``--draws`` random context draws, every demo task; the protocol of
@@ -52,31 +53,59 @@ def evaluate_snapshots(run_dir: Path, draws: int, grid: int = 64) -> dict:
     return curve
 
 
+def _run_arg(text: str) -> tuple[Path, int]:
+    path, _, start = text.partition("@")
+    return Path(path), int(start or 0)
+
+
+Series = dict[str, list[tuple[float, float]]]
+
+
+def collect(runs: list[tuple[Path, int]], draws: int) -> tuple[Series, Series, Series]:
+    """``(colin27 Dice, colin27 PSNR, validation)`` series over the phases ``runs`` = ``[(run folder,
+    step of the previous phase where it starts)]``: each phase's points up to where the next starts."""
+    seg: Series = {}
+    gen: Series = {}
+    val: Series = {}
+    for i, (run_dir, start) in enumerate(runs):
+        stop = runs[i + 1][1] if i + 1 < len(runs) else float("inf")  # the next phase takes over there
+        curve = evaluate_snapshots(run_dir, draws)
+        steps = {k: start + int(k.split("_")[1]) for k in curve}
+        keys = [k for k in curve if steps[k] <= stop]
+
+        def add(into: Series, name: str, task: str, metric: str, which: int) -> None:
+            into.setdefault(name, []).extend((steps[k], curve[k][task][metric][which]) for k in keys if task in curve[k])
+
+        for t in ("white_matter", "deep_grey", "hippocampus", "cerebellum"):
+            add(seg, t, t, "dice", 0)
+        add(seg, "white matter, copy", "white_matter", "dice", 1)
+        add(seg, "deep grey, copy", "deep_grey", "dice", 1)
+        add(gen, "denoising", "denoising", "psnr", 0)
+        add(gen, "bias field", "bias_field", "psnr", 0)
+        add(gen, "copy-the-prompt", "denoising", "psnr", 1)
+        vp = run_dir / "val.csv"
+        phase = f"phase {i + 1}: " if len(runs) > 1 else ""
+        if vp.exists():  # each phase validates on its own episodes: one series per phase
+            for row in csv.DictReader(vp.open()):
+                x = start + float(row["step"])
+                if x > stop:
+                    continue
+                if row.get("dice"):
+                    val.setdefault(f"{phase}segmentation Dice", []).append((x, float(row["dice"])))
+                if row.get("psnr"):
+                    val.setdefault(f"{phase}generation PSNR / 30", []).append((x, float(row["psnr"]) / 30))
+    return seg, gen, val
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run-dir", type=Path, required=True)
+    ap.add_argument("--run-dir", type=_run_arg, required=True, action="append",
+                    help="a run folder; DIR@STEP for a later phase whose step 0 is STEP of the one before "
+                         "(e.g. --run-dir RUN1 --run-dir RUN2@1000: phase 2 continues phase 1's step 1,000)")
     ap.add_argument("--out", type=Path, required=True, help="PNG path")
     ap.add_argument("--draws", type=int, default=2)
     args = ap.parse_args()
-    curve = evaluate_snapshots(args.run_dir, args.draws)
-    steps = {k: int(k.split("_")[1]) for k in curve}
-
-    def series(task: str, metric: str, which: int) -> list[tuple[float, float]]:
-        return [(steps[k], curve[k][task][metric][which]) for k in curve if task in curve[k]]
-
-    seg = {t: series(t, "dice", 0) for t in ("white_matter", "deep_grey", "hippocampus", "cerebellum")}
-    seg["white matter, copy"] = series("white_matter", "dice", 1)
-    seg["deep grey, copy"] = series("deep_grey", "dice", 1)
-    gen = {"denoising": series("denoising", "psnr", 0), "bias field": series("bias_field", "psnr", 0),
-           "copy-the-prompt": series("denoising", "psnr", 1)}
-    val: dict[str, list[tuple[float, float]]] = {"segmentation Dice": [], "generation PSNR / 30": []}
-    vp = args.run_dir / "val.csv"
-    if vp.exists():
-        for row in csv.DictReader(vp.open()):
-            if row.get("dice"):
-                val["segmentation Dice"].append((float(row["step"]), float(row["dice"])))
-            if row.get("psnr"):
-                val["generation PSNR / 30"].append((float(row["step"]), float(row["psnr"]) / 30))
+    seg, gen, val = collect(args.run_dir, args.draws)
     ev.learning_curve(args.out, [("colin27 (held out), L = 4: Dice", seg), ("colin27, L = 4: PSNR (dB)", gen),
                                  ("validation: held-out icbm152 copies", val)])
     print(f"wrote {args.out}")

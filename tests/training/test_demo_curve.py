@@ -1,0 +1,39 @@
+"""train/demo_curve.py: the learning curve of a training in phases (phase 2 starts at a step of phase 1)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("demo_curve", REPO / "train" / "demo_curve.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(root: Path, steps: list[int], base: float) -> Path:
+    (root / "snapshots").mkdir(parents=True)
+    curve = {f"step_{s:06d}": {t: {"dice": [base + s / 1e4, 0.5]} for t in ("white_matter", "deep_grey",
+                                                                          "hippocampus", "cerebellum")}
+             | {t: {"psnr": [20 + s / 1e3, 15.4], "ssim": [0.6, 0.56]} for t in ("denoising", "bias_field")}
+             for s in steps}
+    (root / "colin27_curve.json").write_text(json.dumps(curve))  # already evaluated: nothing to run
+    (root / "val.csv").write_text("step,loss,dice,psnr\n" + "".join(f"{s},0.1,{base},{21}\n" for s in steps))
+    return root
+
+
+def test_phases_are_chained_at_their_start_step(tmp_path):
+    mod = _module()
+    p1 = _run(tmp_path / "p1", [500, 1000, 1500, 2000], 0.1)
+    p2 = _run(tmp_path / "p2", [350, 700], 0.5)
+    seg, gen, val = mod.collect([(p1, 0), (p2, 1000)], draws=2)
+    assert [x for x, _ in seg["white_matter"]] == [500, 1000, 1350, 1700]  # phase 1 after 1,000 is dropped
+    assert seg["white_matter"][2][1] == 0.5 + 350 / 1e4
+    assert [x for x, _ in gen["denoising"]] == [500, 1000, 1350, 1700]
+    assert [x for x, _ in val["phase 1: segmentation Dice"]] == [500, 1000]
+    assert [x for x, _ in val["phase 2: segmentation Dice"]] == [1350, 1700]
+    assert mod._run_arg("some/dir@1000") == (Path("some/dir"), 1000) and mod._run_arg("d") == (Path("d"), 0)
