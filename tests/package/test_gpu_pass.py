@@ -9,7 +9,6 @@ others, and the output folder never holds more files, or other names, than the d
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -20,11 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from tests._scripts import load_script
+
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("gpu_pass", REPO / "tools" / "gpu_pass.py")
-gp = importlib.util.module_from_spec(_spec)
-sys.modules["gpu_pass"] = gp
-_spec.loader.exec_module(gp)
+gp = load_script("tools/gpu_pass.py")
 
 RETURNABLE = re.compile(r"^[A-Za-z0-9._-]+$")  # names the device tool brings back
 

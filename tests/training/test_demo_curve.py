@@ -1,18 +1,14 @@
 """train/demo_curve.py: the learning curve of a training in phases (phase 2 starts at a step of phase 1)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests._scripts import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("demo_curve", REPO / "train" / "demo_curve.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train/demo_curve.py")
 
 
 def _run(root: Path, steps: list[int], base: float) -> Path:

@@ -3,23 +3,18 @@ trainer resumes from: same step, same weights, moments within bf16 rounding, and
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import torch
 
+from tests._scripts import load_script
 from tests.training._toy import _nv_raw, _write_dataset
 from vicl_fast.training import config_from_dict
 from vicl_fast.training.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("pack_resume", ROOT / "tools" / "pack_resume.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/pack_resume.py")
 
 
 def test_pack_unpack_resume(tmp_path):
