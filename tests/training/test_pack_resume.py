@@ -3,7 +3,6 @@ trainer resumes from: same step, same weights, moments within bf16 rounding, and
 
 from __future__ import annotations
 
-
 import torch
 
 from tests._scripts import load_script
