@@ -176,10 +176,11 @@ def preprocessing_metadata(recipe: Recipe, key: str) -> dict[str, Any]:
     }
 
 
-def export_bf16(ckpt: Path, dest: Path, info: dict[str, Any]) -> Path:
+def export_bf16(ckpt: Path, dest: Path, info: dict[str, Any], preprocessing: dict[str, Any] | None = None) -> Path:
     """Write ``ckpt``'s weights in bfloat16 (half the bytes; ``vicl-fast predict`` computes in float32)
-    to ``dest`` atomically, with the demo metadata and the preprocessing it was trained with, e.g. as
-    ``vicl_fast/checkpoints/demo_neuroverse3d.safetensors`` (the checkpoint shipped with the package)."""
+    to ``dest`` atomically, with the demo metadata and the preprocessing it was trained with (or
+    ``preprocessing``), e.g. as ``vicl_fast/checkpoints/demo_neuroverse3d.safetensors`` (the checkpoint
+    shipped with the package)."""
     import torch
 
     from vicl_fast.checkpoint import PREPROCESSING_KEY, load_checkpoint, read_metadata, save_checkpoint
@@ -190,7 +191,9 @@ def export_bf16(ckpt: Path, dest: Path, info: dict[str, Any]) -> Path:
     meta["dtype"] = "bfloat16"
     extra = {_META_KEY: json.dumps(meta, default=str)}
     trained_with = read_metadata(ckpt).get(PREPROCESSING_KEY)  # written by the training (_train)
-    if trained_with:
+    if preprocessing is not None:
+        extra[PREPROCESSING_KEY] = json.dumps(preprocessing)
+    elif trained_with:
         extra[PREPROCESSING_KEY] = trained_with
     elif isinstance(meta.get("recipe"), dict):
         recipe = Recipe(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
