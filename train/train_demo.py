@@ -20,7 +20,6 @@ from pathlib import Path
 from vicl_fast.training import demo_recipe as dr
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default=str(Path(__file__).parent / "configs" / "demo_cpu_phase2.yaml"))
@@ -45,7 +44,7 @@ def main() -> None:
         # the metadata names the recipe by its content hash (the run folder is named after the file)
         pre = dr.preprocessing_metadata(recipe, dr.recipe_key(recipe))
         if args.snapshot is not None:
-            path = args.cache_dir / "runs" / f"demo_{recipe.grid}_{run}" / "snapshots" / f"step_{args.snapshot:06d}.safetensors"
+            path = dr.run_folder(args.cache_dir, recipe, run) / "snapshots" / f"step_{args.snapshot:06d}.safetensors"
             if not path.is_file():
                 raise SystemExit(f"--snapshot {args.snapshot}: {path} does not exist")
             info = {**info, "steps": args.snapshot, "snapshot_of": f"{run}, step {args.snapshot} of {recipe.steps}"}

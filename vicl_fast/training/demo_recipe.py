@@ -29,7 +29,7 @@ from vicl_fast.errors import UsageError, ViclFastError
 from vicl_fast.training.datasets import SubjectSource
 
 __all__ = ["Recipe", "FULL", "QUICK", "FOV_MM", "load_recipe", "recipe_doc", "recipe_key", "train_or_load",
-           "export_bf16", "preprocessing_metadata", "training_subjects", "normalised"]
+           "run_folder", "export_bf16", "preprocessing_metadata", "training_subjects", "normalised"]
 
 #: Bump when the meaning of a recipe changes (invalidates every cached model).
 RECIPE_VERSION = 1
@@ -190,15 +190,10 @@ def export_bf16(ckpt: Path, dest: Path, info: dict[str, Any], preprocessing: dic
     meta = {k: v for k, v in info.items() if k not in ("source", "path")}
     meta["dtype"] = "bfloat16"
     extra = {_META_KEY: json.dumps(meta, default=str)}
-    trained_with = read_metadata(ckpt).get(PREPROCESSING_KEY)  # written by the training (_train)
-    if preprocessing is not None:
-        extra[PREPROCESSING_KEY] = json.dumps(preprocessing)
-    elif trained_with:
-        extra[PREPROCESSING_KEY] = trained_with
-    elif isinstance(meta.get("recipe"), dict):
-        recipe = Recipe(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-                           for k, v in meta["recipe"].items()})
-        extra[PREPROCESSING_KEY] = json.dumps(preprocessing_metadata(recipe, str(meta.get("key", ""))))
+    # _train writes the preprocessing into every model it saves
+    pre = json.dumps(preprocessing) if preprocessing is not None else read_metadata(ckpt).get(PREPROCESSING_KEY)
+    if pre:
+        extra[PREPROCESSING_KEY] = pre
     save_checkpoint(sd, dest, model_name="neuroverse3d", config=model.config, extra_metadata=extra)
     return dest
 
@@ -334,6 +329,11 @@ def train_or_load(recipe: Recipe, device: str, cache_dir: Path, *, retrain: bool
     return _train(recipe, device, cache_dir, ckpt, key, fresh=retrain, max_minutes=max_train_minutes)
 
 
+def run_folder(cache_dir: Path, recipe: Recipe, key: str) -> Path:
+    """Where a training run of ``recipe`` keeps its checkpoints, logs and ``snapshots/``."""
+    return cache_dir / "runs" / f"demo_{recipe.grid}_{key}"
+
+
 def _train(recipe: Recipe, device: str, cache_dir: Path, ckpt: Path, key: str, fresh: bool,
            max_minutes: float | None = None) -> tuple[Path, dict[str, Any]]:
     import torch
@@ -341,7 +341,7 @@ def _train(recipe: Recipe, device: str, cache_dir: Path, ckpt: Path, key: str, f
     from vicl_fast.checkpoint import save_checkpoint
     from vicl_fast.training.trainer import Trainer
 
-    run_dir = cache_dir / "runs" / f"demo_{recipe.grid}_{key}"
+    run_dir = run_folder(cache_dir, recipe, key)
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     cfg = _train_config(recipe, device, run_dir)

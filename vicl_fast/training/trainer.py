@@ -189,34 +189,32 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:
         r = self.cfg.train.resume
+        path = None
         if r == "none":
             if latest_checkpoint(self.ckpt_dir) is not None:
                 log.warning("train.resume=none but %s holds checkpoints: they will be overwritten as the "
                             "new run reaches their steps", self.ckpt_dir)
-            return
-        path = latest_checkpoint(self.ckpt_dir) if r == "auto" else Path(r)
-        if path is None:
-            if self.cfg.train.init_from:
-                self.init_weights(self.cfg.train.init_from)
-            return
-        self.load_checkpoint(path)
-        log.info("resumed from %s (step %d)", path, self.step)
+        else:
+            path = latest_checkpoint(self.ckpt_dir) if r == "auto" else Path(r)
+        if path is not None:
+            self.load_checkpoint(path)
+            log.info("resumed from %s (step %d)", path, self.step)
+        elif self.cfg.train.init_from:  # nothing resumed: a new run, from the given weights
+            self.init_weights(self.cfg.train.init_from)
 
     def init_weights(self, path: str | Path) -> None:
         """Start from the weights of ``path`` (a vicl_fast ``.safetensors`` checkpoint or a training
         checkpoint folder) with a fresh optimizer and schedule: ``train.init_from``."""
-        from vicl_fast.checkpoint import read_metadata
+        from vicl_fast.checkpoint import _NAME_KEY, load_state_dict_file, read_metadata
 
         p = Path(path)
         if p.is_dir():
             doc, weights, _ = load_training_checkpoint(p, map_location=self.device)
             name = doc.get("model")
         else:
-            from safetensors.torch import load_file
-
             try:
-                name = read_metadata(p).get("vicl_fast.model")
-                weights = load_file(str(p), device=str(self.device))
+                name = read_metadata(p).get(_NAME_KEY)
+                weights = load_state_dict_file(p, self.device)
             except Exception as exc:  # noqa: BLE001 (safetensors raises its own SafetensorError)
                 raise CheckpointError(f"train.init_from {p} cannot be read ({exc}); give a vicl_fast "
                                       "checkpoint file or a training checkpoint folder") from None
