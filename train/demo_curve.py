@@ -24,13 +24,23 @@ import numpy as np
 from vicl_fast import evaluation as ev
 from vicl_fast.data.demo_data import load_demo_subjects
 from vicl_fast.inference import load_model
-from vicl_fast.training.demo_recipe import normalised
+from vicl_fast.training.demo_recipe import data_digest, normalised
 
 
-def evaluate_snapshots(run_dir: Path, draws: int, grid: int = 64) -> dict:
+_PROTOCOL = "_protocol"  # the key of colin27_curve.json that says what its numbers were measured on
+
+
+def evaluate_snapshots(run_dir: Path, draws: int, grid: int = 64, last_step: float = float("inf")) -> dict:
+    """``{snapshot stem: {task: {metric: [model, copy-the-prompt]}}}`` of the snapshots up to ``last_step``,
+    cached in ``colin27_curve.json``; the cache is dropped when the embedded data, its task code or the
+    number of draws changed."""
     out = run_dir / "colin27_curve.json"
+    protocol = {"data": data_digest(), "draws": draws, "grid": grid}
     curve = json.loads(out.read_text()) if out.exists() else {}
-    todo = [f for f in sorted((run_dir / "snapshots").glob("step_*.safetensors")) if f.stem not in curve]
+    if curve.pop(_PROTOCOL, None) != protocol:
+        curve = {}
+    todo = [f for f in sorted((run_dir / "snapshots").glob("step_*.safetensors"))
+            if f.stem not in curve and int(f.stem.split("_")[1]) <= last_step]
     if not todo:
         return curve
     target = load_demo_subjects(names=["colin27"], size=grid)[0]
@@ -47,7 +57,7 @@ def evaluate_snapshots(run_dir: Path, draws: int, grid: int = 64) -> dict:
             p = p[str(ev.N_CONTEXTS)]
             res[task.name] = {k: [v["mean"], p["copy_prompt"][k]["mean"]] for k, v in p["model"].items()}
         curve[f.stem] = res
-        out.write_text(json.dumps(curve, indent=1))
+        out.write_text(json.dumps({_PROTOCOL: protocol, **curve}, indent=1))
         print(f"{f.stem}: {time.time() - t0:.0f} s; " + ", ".join(
             f"{t} {k} {v[0]:.3f} (copy {v[1]:.3f})" for t, r in res.items() for k, v in r.items()), flush=True)
     return curve
@@ -69,7 +79,7 @@ def collect(runs: list[tuple[Path, int]], draws: int) -> tuple[Series, Series, S
     val: Series = {}
     for i, (run_dir, start) in enumerate(runs):
         stop = runs[i + 1][1] if i + 1 < len(runs) else float("inf")  # the next phase takes over there
-        curve = evaluate_snapshots(run_dir, draws)
+        curve = evaluate_snapshots(run_dir, draws, last_step=stop - start)
         steps = {k: start + int(k.split("_")[1]) for k in curve}
         keys = [k for k in curve if steps[k] <= stop]
 

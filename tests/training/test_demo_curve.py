@@ -11,13 +11,20 @@ def _module():
     return load_script("train/demo_curve.py")
 
 
+def _protocol(draws: int = 2) -> dict:
+    from vicl_fast.training.demo_recipe import data_digest
+
+    return {"data": data_digest(), "draws": draws, "grid": 64}
+
+
 def _run(root: Path, steps: list[int], base: float) -> Path:
     (root / "snapshots").mkdir(parents=True)
     curve = {f"step_{s:06d}": {t: {"dice": [base + s / 1e4, 0.5]} for t in ("white_matter", "deep_grey",
                                                                           "hippocampus", "cerebellum")}
              | {t: {"psnr": [20 + s / 1e3, 15.4], "ssim": [0.6, 0.56]} for t in ("denoising", "bias_field")}
              for s in steps}
-    (root / "colin27_curve.json").write_text(json.dumps(curve))  # already evaluated: nothing to run
+    # already evaluated (on this data, with 2 draws): nothing to run
+    (root / "colin27_curve.json").write_text(json.dumps({"_protocol": _protocol(), **curve}))
     (root / "val.csv").write_text("step,loss,dice,psnr\n" + "".join(f"{s},0.1,{base},{21}\n" for s in steps))
     return root
 
@@ -33,3 +40,14 @@ def test_phases_are_chained_at_their_start_step(tmp_path):
     assert [x for x, _ in val["phase 1: segmentation Dice"]] == [500, 1000]
     assert [x for x, _ in val["phase 2: segmentation Dice"]] == [1350, 1700]
     assert mod._run_arg("some/dir@1000") == (Path("some/dir"), 1000) and mod._run_arg("d") == (Path("d"), 0)
+
+
+def test_a_curve_measured_on_other_data_or_draws_is_not_reused(tmp_path):
+    mod = _module()
+    run = _run(tmp_path / "p1", [500], 0.1)
+    assert list(mod.evaluate_snapshots(run, draws=2)) == ["step_000500"]
+    assert mod.evaluate_snapshots(run, draws=5) == {}  # other draws: measured again (no snapshot files here)
+    doc = json.loads((run / "colin27_curve.json").read_text())
+    doc["_protocol"]["data"] = "0" * 64  # the embedded data or its task code changed since
+    (run / "colin27_curve.json").write_text(json.dumps(doc))
+    assert mod.evaluate_snapshots(run, draws=2) == {}

@@ -5,11 +5,14 @@ What there is, honestly: TWO real heads, both in MNI space, on one shared
 ``tools/build_demo_data.py``; licences in ``LICENSE-DATA.txt``):
 
 * ``icbm152`` - the ICBM152 2009a symmetric T1 template, an AVERAGE of 152
-  brains (so smoother than any single scan), brain-extracted (no skull), with
-  GM/WM from its own probability maps.
+  brains (so smoother than any single scan), brain-extracted (no skull).
 * ``colin27`` - Colin27, ONE person scanned 27 times and averaged, with skull
-  (skull stripping is possible on this head only), GM/WM from a 3-class Otsu
-  split of the skull-stripped scan.
+  (skull stripping is possible on this head only).
+
+GM/WM of both heads come from ONE rule, a 3-class Otsu split of the
+brain-extracted scan (a crude intensity segmentation; ICBM152's probability
+maps are not used, so that a model taught on one head and scored on the other
+is not scored on how two labelling rules disagree).
 
 The AAL (116 regions) and Brodmann atlases were drawn on Colin27; on ICBM152
 they are read at the same MNI coordinates (approximate, not hand-drawn). Any

@@ -28,7 +28,7 @@ from vicl_fast.data.task_registry import default_tasks
 from vicl_fast.errors import UsageError, ViclFastError
 from vicl_fast.training.datasets import SubjectSource
 
-__all__ = ["Recipe", "FULL", "QUICK", "FOV_MM", "load_recipe", "recipe_doc", "recipe_key", "train_or_load",
+__all__ = ["Recipe", "FULL", "QUICK", "FOV_MM", "data_digest", "load_recipe", "recipe_doc", "recipe_key", "train_or_load",
            "run_folder", "export_bf16", "preprocessing_metadata", "training_subjects", "normalised"]
 
 #: Bump when the meaning of a recipe changes (invalidates every cached model).
@@ -93,7 +93,7 @@ QUICK = Recipe(grid=32, steps=16, train_variants=3, lr=2e-3, warmup=4, grad_clip
                seg_masks=_SEG_MASKS, tasks=_TASKS, channels=_CHANNELS)
 
 
-def _data_digest() -> str:
+def data_digest() -> str:
     """Hash of the embedded heads and of the code that turns them into training pairs (a change of the
     augmentation or the task synthesis changes what a recipe trains on, so it invalidates the cache)."""
     h = hashlib.sha256()
@@ -120,7 +120,7 @@ def recipe_doc(recipe: Recipe) -> dict[str, Any]:
 
 def recipe_key(recipe: Recipe) -> str:
     """16 hex digits identifying ``recipe`` + the embedded data + :data:`RECIPE_VERSION`."""
-    doc = {"recipe": recipe_doc(recipe), "version": RECIPE_VERSION, "data": _data_digest()}
+    doc = {"recipe": recipe_doc(recipe), "version": RECIPE_VERSION, "data": data_digest()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
