@@ -147,3 +147,27 @@ def test_2d_augmentation():
     out, labs, _, applied = aug.augment_subject(img, [lab], np.random.default_rng(0), on)
     assert out.shape == (32, 32) and labs[0].dtype == np.bool_ and labs[0].any()
     assert {"affine", "elastic", "flip", "rotate", "gin"} <= set(applied)
+
+
+def test_masks_follow_the_linearly_interpolated_image_and_label_maps_keep_their_values():
+    rng = np.random.default_rng(11)
+    shape = (24, 26, 22)
+    M = aug.random_affine_matrix(rng, shape)
+    d = aug.elastic_displacement(rng, shape)
+    mask = np.zeros(shape, bool)
+    mask[6:17, 5:20, 4:15] = True
+    labels = np.zeros(shape, np.int16)
+    labels[mask] = 3
+    labels[:5] = 7
+    (img,), (wmask, wlab) = aug.apply_spatial([mask.astype(np.float64)], [mask, labels], M, d)
+    assert wmask.dtype == np.bool_ and np.array_equal(wmask, img >= 0.5)  # the mask's border = the image's
+    assert wlab.dtype == np.int16 and set(np.unique(wlab)) <= {0, 3, 7}  # no blended class values
+    nearest = ndimage.map_coordinates(
+        mask.astype(np.int32), _coords(M, d, shape), order=0, mode="constant", cval=0).astype(bool)
+    assert (wmask != nearest).any()  # the two rules differ on the border voxels
+
+
+def _coords(M: np.ndarray, d: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    grid = np.indices(shape, dtype=np.float64).reshape(len(shape), -1)
+    c = M[:3, :3] @ grid + M[:3, 3:] + d.reshape(len(shape), -1)
+    return c.reshape((len(shape),) + shape)
