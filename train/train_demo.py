@@ -3,11 +3,12 @@ the main job's cache key hashes the data code, so an edit there would start a ne
 continue the same run across sessions, then to export the checkpoint to ship.
 
     OMP_NUM_THREADS=1 python train/train_demo.py --cache-dir ~/.cache/vicl_fast --minutes 120
-    python train/train_demo.py --cache-dir ~/.cache/vicl_fast --export vicl_fast/checkpoints/demo_neuroverse3d.safetensors \
-        --snapshot 3150
+    python train/train_demo.py --cache-dir ~/.cache/vicl_fast --export vicl_fast/checkpoints/demo_neuroverse3d.safetensors
 
-The default recipe is phase 2 of the shipped model (``train/configs/demo_cpu_phase2.yaml``), which
-starts from phase 1's committed weights (``demo_cpu.yaml`` to step 1,000, run ``demo_cpu_v2``).
+The default recipe is phase 3 of the shipped model (``train/configs/demo_cpu_phase3.yaml``, exported at
+its final step), which starts from phase 2's committed weights (``demo_cpu_phase2.yaml`` to step 3,150,
+exported with ``--snapshot 3150``), which start from phase 1's (``demo_cpu.yaml`` to step 1,000, run
+``demo_cpu_v2``).
 Checkpoints every 250 steps and a weights snapshot every ``min(500, steps / 10)`` (``train/demo_curve.py``
 turns those into the learning curve); ``tools/pack_resume.py`` packs the latest checkpoint small enough
 to commit."""
@@ -22,7 +23,7 @@ from vicl_fast.training import demo_recipe as dr
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipe", default=str(Path(__file__).parent / "configs" / "demo_cpu_phase2.yaml"))
+    ap.add_argument("--recipe", default=str(Path(__file__).parent / "configs" / "demo_cpu_phase3.yaml"))
     ap.add_argument("--run", default=None, help="run folder name under CACHE/runs (default: the recipe's "
                     "file name; phase 1 of the shipped model was run demo_cpu_v2)")
     ap.add_argument("--cache-dir", type=Path, default=Path("~/.cache/vicl_fast").expanduser())

@@ -169,6 +169,13 @@ def test_cpu_recipes_parse_and_phase2_starts_from_the_committed_phase1_weights()
     model = create_model(p2.model, channels=p2.channels)
     model.load_state_dict(load_file(p2.init_from), strict=True)
     assert demo_recipe.recipe_doc(p2)["init_from"].startswith("model.safetensors sha256:506ebe9adfdcbde9")
+    # Phases 3 and 4 start from the bf16 weights of the phase before, committed in train/resume/.
+    for name, init in (("demo_cpu_phase3.yaml", "demo_cpu_phase2_step3150.safetensors"),
+                       ("demo_cpu_phase4.yaml", "demo_cpu_phase3_step3000.safetensors")):
+        r = main_job.load_recipe(root / "train" / "configs" / name)
+        assert r.init_from == str(root / "train" / "resume" / init)
+        assert (r.grid, r.channels, r.model, r.seg_masks) == (p2.grid, p2.channels, p2.model, p2.seg_masks)
+        create_model(r.model, channels=r.channels).load_state_dict(load_file(r.init_from), strict=True)
 
 
 def test_recipe_with_unknown_key_is_refused(tmp_path):

@@ -5,6 +5,7 @@ held-out head (colin27) at 64^3. Skipped while no checkpoint ships (issue 12 tra
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import nibabel as nib
 import numpy as np
@@ -25,6 +26,19 @@ def test_shipped_checkpoint_is_small_and_carries_its_preprocessing():
     for key in ("grid", "spacing", "crop", "intensity", "tasks", "training_data", "recipe_hash", "data_licence"):
         assert key in meta, key
     assert meta["grid"] == [64, 64, 64] and all(abs(s - 3.375) < 1e-6 for s in meta["spacing"])
+
+
+def test_shipped_checkpoint_is_the_phase3_recipe_on_this_data():
+    """Its metadata names the committed recipe and the embedded data it was trained on: rerunning
+    train/configs/demo_cpu_phase3.yaml (from the committed phase-2 weights) trains the same model."""
+    from pathlib import Path
+
+    from vicl_fast.training import demo_recipe
+
+    recipe = demo_recipe.load_recipe(Path(__file__).resolve().parents[2] / "train" / "configs" / "demo_cpu_phase3.yaml")
+    meta = read_preprocessing(SHIPPED)
+    assert meta["recipe"] == json.loads(json.dumps(demo_recipe.recipe_doc(recipe)))  # tuples as JSON lists
+    assert meta["recipe_hash"] == demo_recipe.recipe_key(recipe)  # also fails if the data or its code changed
 
 
 def test_shipped_model_is_the_default_and_beats_copy_the_prompt_on_white_matter():
