@@ -4,7 +4,7 @@
         --run-dir CACHE/runs/demo_64_demo_cpu_phase2@1000 --out docs/demo_learning_curve.png
 
 Evaluates each ``snapshots/step_*.safetensors`` of the run not yet in ``<run-dir>/colin27_curve.json``
-(held-out colin27 at 64^3, L = 4, ``--draws`` random context draws, every demo task; the protocol of
+(held-out colin27 on the run's grid, L = 4, ``--draws`` random context draws, every demo task; the protocol of
 :mod:`vicl_fast.evaluation`), then draws the curve with the run's own validation (held-out icbm152
 copies, ``val.csv``). Snapshots are written by the main job's training every ``min(500, steps/10)``
 steps.
@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from vicl_fast import evaluation as ev
-from vicl_fast.data.demo_data import load_demo_subjects
 from vicl_fast.inference import load_model
-from vicl_fast.training.demo_recipe import data_digest, normalised
+from vicl_fast.training.demo_recipe import data_digest
 
 
 _PROTOCOL = "_protocol"  # the key of colin27_curve.json that says what its numbers were measured on
@@ -43,11 +39,7 @@ def evaluate_snapshots(run_dir: Path, draws: int, grid: int = 64, last_step: flo
             if f.stem not in curve and int(f.stem.split("_")[1]) <= last_step]
     if not todo:
         return curve
-    target = load_demo_subjects(names=["colin27"], size=grid)[0]
-    target = normalised(dataclasses.replace(
-        target, image=(target.image * target.masks["brain"]).astype(np.float32), has_skull=False))
-    pool = [normalised(s) for s in load_demo_subjects(names=["icbm152"], size=grid, n_augmented=ev.CONTEXT_POOL,
-                                                      seed=ev.CONTEXT_SEED)[1:]]
+    target, pool = ev.demo_target(grid), ev.context_pool(grid)
     for f in todo:
         model = load_model(f, "cpu")
         t0 = time.time()
@@ -68,6 +60,15 @@ def _run_arg(text: str) -> tuple[Path, int]:
     return Path(path), int(start or 0)
 
 
+def run_grid(run_dir: Path) -> int:
+    """The grid a run trained at (and its snapshots are evaluated at): ``demo_<grid>_<run>`` as named by
+    :func:`vicl_fast.training.demo_recipe.run_folder`."""
+    try:
+        return int(run_dir.name.split("_")[1])
+    except (IndexError, ValueError):
+        raise SystemExit(f"--run-dir {run_dir}: not a demo run folder (demo_<grid>_<run>)") from None
+
+
 Series = dict[str, list[tuple[float, float]]]
 
 
@@ -79,7 +80,7 @@ def collect(runs: list[tuple[Path, int]], draws: int) -> tuple[Series, Series, S
     val: Series = {}
     for i, (run_dir, start) in enumerate(runs):
         stop = runs[i + 1][1] if i + 1 < len(runs) else float("inf")  # the next phase takes over there
-        curve = evaluate_snapshots(run_dir, draws, last_step=stop - start)
+        curve = evaluate_snapshots(run_dir, draws, grid=run_grid(run_dir), last_step=stop - start)
         steps = {k: start + int(k.split("_")[1]) for k in curve}
         keys = [k for k in curve if steps[k] <= stop]
 
@@ -116,7 +117,8 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=2)
     args = ap.parse_args()
     seg, gen, val = collect(args.run_dir, args.draws)
-    ev.learning_curve(args.out, [("colin27 (held out), L = 4: Dice", seg), ("colin27, L = 4: PSNR (dB)", gen),
+    ev.learning_curve(args.out, [("colin27 (held out), L = 4, on each phase's grid: Dice", seg),
+                                 ("colin27, L = 4: PSNR (dB)", gen),
                                  ("validation: held-out icbm152 copies", val)])
     print(f"wrote {args.out}")
 

@@ -43,7 +43,6 @@ else (with a one-line message; ``VICL_FAST_DEBUG=1`` shows the traceback).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -52,12 +51,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from vicl_fast.errors import ViclFastError
 from vicl_fast.evaluation import (
-    CONTEXT_POOL, CONTEXT_SEED, DEMO_TASKS, FULL_PROTOCOL_L, N_CONTEXTS, N_DRAWS, check_targets, evaluate_protocol,
-    figure, showcase, table,
+    CONTEXT_POOL, CONTEXT_SEED, DEMO_TASKS, FULL_PROTOCOL_L, N_CONTEXTS, N_DRAWS, check_targets, context_pool,
+    demo_target, evaluate_protocol, figure, showcase, table,
 )
 from vicl_fast.training.demo_recipe import (  # noqa: F401 - the recipe API, also reachable from here
     FOV_MM, FULL, QUICK, Recipe, export_bf16, load_recipe, normalised, recipe_key, train_or_load,
@@ -96,8 +93,6 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
         draws: int | None = None) -> dict[str, Any]:
     """The main job (see the module docstring); returns the summary also written to ``summary.json``."""
     import torch
-
-    from vicl_fast.data.demo_data import load_demo_subjects
 
     t_start = time.perf_counter()
     out = Path(out).expanduser()
@@ -138,17 +133,14 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
          f"predict`) at {grid}^3 ({FOV_MM / grid:.2f} mm): {draws} random context draws for L in "
          f"{{{', '.join(map(str, Ls))}}} from {CONTEXT_POOL} warped icbm152 copies")
     model = load_model(ckpt, dev)
-    target = load_demo_subjects(names=["colin27"], size=grid)[0]
-    target = normalised(dataclasses.replace(
-        target, image=(target.image * target.masks["brain"]).astype(np.float32), has_skull=False))
-    pool = [normalised(s) for s in
-            load_demo_subjects(names=["icbm152"], size=grid, n_augmented=max(CONTEXT_POOL, max(Ls)),
-                               seed=CONTEXT_SEED)[1:]]
+    target = demo_target(grid)
+    pool = context_pool(grid, max(CONTEXT_POOL, max(Ls)))
     rows = []
     for i, task in enumerate(DEMO_TASKS):
         r = showcase(task, model, target, pool, grid, dev, out, seed=100 + i)
         t0 = time.perf_counter()
-        r["protocol"] = evaluate_protocol(task, model, target, pool, grid, dev, Ls, draws, seed=100 + i)
+        r["protocol"] = evaluate_protocol(task, model, target, pool, grid, dev, Ls, draws, seed=100 + i,
+                                          showcase_prediction=r["figure"]["prediction"])
         p = r["protocol"][str(Ls[0] if N_CONTEXTS not in Ls else N_CONTEXTS)]
         m = ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f} (copy {p['copy_prompt'][k]['mean']:.3f})"
                       for k, v in p["model"].items())

@@ -86,6 +86,27 @@ def test_quick_summary_metrics_are_finite_and_recomputable(quick_run):
                 assert r["extra_baselines"]["input"]["psnr"] < 40
 
 
+def test_protocol_draw_zero_is_the_showcase_prediction_made_again(quick_run):
+    """The protocol reuses the showcase's prediction as draw 0 at L = 4: predicting it afresh gives the
+    same metrics (the same contexts, inputs and model)."""
+    from vicl_fast import evaluation as ev
+    from vicl_fast.inference import load_model
+
+    out, cache = quick_run
+    s = json.loads((out / "summary.json").read_text())
+    g = main_job.QUICK.grid
+    model = load_model(next(cache.glob("*.safetensors")), "cpu")
+    target, pool = ev.demo_target(g), ev.context_pool(g)
+    for i, task in enumerate(main_job.DEMO_TASKS):
+        if task.name not in ("white_matter", "denoising"):
+            continue
+        row = next(r for r in s["tasks"] if r["task"] == task.name)
+        fresh = ev.evaluate_protocol(task, model, target, pool, g, "cpu", (ev.N_CONTEXTS,), 1, seed=100 + i)
+        for k, v in fresh[str(ev.N_CONTEXTS)]["model"].items():
+            assert row["protocol"][str(ev.N_CONTEXTS)]["model"][k]["values"][0] == pytest.approx(v["mean"], abs=1e-4)
+            assert row["model"][k] == pytest.approx(v["mean"], abs=1e-9)
+
+
 def test_target_is_colin27_and_contexts_icbm152_copies(quick_run):
     out, _ = quick_run
     s = json.loads((out / "summary.json").read_text())

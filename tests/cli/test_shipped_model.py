@@ -1,10 +1,9 @@
 """The checkpoint shipped with the package: it loads, carries its preprocessing metadata, is the
 default of ``vicl-fast predict`` / ``predict_volume``, and beats copy-the-prompt on white matter of the
-held-out head (colin27) at 64^3. Skipped while no checkpoint ships (issue 12 trains it)."""
+held-out head (colin27) at its own grid. Skipped while no checkpoint ships (issue 12 trains it)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import nibabel as nib
@@ -17,6 +16,8 @@ from vicl_fast.inference import Predictor, default_model_path
 
 SHIPPED = default_model_path()
 pytestmark = pytest.mark.skipif(SHIPPED is None, reason="no checkpoint ships yet (vicl_fast/checkpoints/)")
+RECIPE = "demo_cpu_phase3.yaml"  # train/configs/: the recipe that made it
+GRID = 64  # the grid it was trained at and predicts at by default (216 mm field of view: 3.375 mm)
 
 
 def test_shipped_checkpoint_is_small_and_carries_its_preprocessing():
@@ -25,35 +26,28 @@ def test_shipped_checkpoint_is_small_and_carries_its_preprocessing():
     assert meta is not None
     for key in ("grid", "spacing", "crop", "intensity", "tasks", "training_data", "recipe_hash", "data_licence"):
         assert key in meta, key
-    assert meta["grid"] == [64, 64, 64] and all(abs(s - 3.375) < 1e-6 for s in meta["spacing"])
+    assert meta["grid"] == [GRID] * 3 and all(abs(s - 216 / GRID) < 1e-6 for s in meta["spacing"])
 
 
-def test_shipped_checkpoint_is_the_phase3_recipe_on_this_data():
+def test_shipped_checkpoint_is_its_recipe_on_this_data():
     """Its metadata names the committed recipe and the embedded data it was trained on: rerunning
-    train/configs/demo_cpu_phase3.yaml (from the committed phase-2 weights) trains the same model."""
+    train/configs/RECIPE (from the committed weights it starts from) trains the same model."""
     from pathlib import Path
 
     from vicl_fast.training import demo_recipe
 
-    recipe = demo_recipe.load_recipe(Path(__file__).resolve().parents[2] / "train" / "configs" / "demo_cpu_phase3.yaml")
+    recipe = demo_recipe.load_recipe(Path(__file__).resolve().parents[2] / "train" / "configs" / RECIPE)
     meta = read_preprocessing(SHIPPED)
     assert meta["recipe"] == json.loads(json.dumps(demo_recipe.recipe_doc(recipe)))  # tuples as JSON lists
     assert meta["recipe_hash"] == demo_recipe.recipe_key(recipe)  # also fails if the data or its code changed
 
 
 def test_shipped_model_is_the_default_and_beats_copy_the_prompt_on_white_matter():
-    from vicl_fast.data.demo_data import load_demo_subjects
-    from vicl_fast.training.demo_recipe import normalised
-
-    grid = 64
-    target = load_demo_subjects(names=["colin27"], size=grid)[0]
-    target = normalised(dataclasses.replace(
-        target, image=(target.image * target.masks["brain"]).astype(np.float32), has_skull=False))
-    pool = [normalised(s) for s in load_demo_subjects(names=["icbm152"], size=grid, n_augmented=ev.N_CONTEXTS,
-                                                      seed=ev.CONTEXT_SEED)[1:]]
+    grid = GRID
+    target, pool = ev.demo_target(grid), ev.context_pool(grid, ev.N_CONTEXTS)
     p_default = Predictor([(pool[0].image, pool[0].masks["wm"].astype(np.uint8))], "seg", None,
                           affine=pool[0].affine, device="cpu")
-    assert p_default.model_path == SHIPPED and p_default.grid == (64, 64, 64)
+    assert p_default.model_path == SHIPPED and p_default.grid == (grid,) * 3
     wm = next(t for t in ev.DEMO_TASKS if t.name == "white_matter")
     res = ev.evaluate_protocol(wm, p_default.model, target, pool, grid, "cpu", (ev.N_CONTEXTS,), 1, seed=100)
     r = res[str(ev.N_CONTEXTS)]
@@ -86,25 +80,23 @@ def test_shipped_model_on_a_scan_stored_like_a_real_one():
     """colin27 (skull-stripped) as a scanner might store it: LPS voxel order, 1.2 x 1.2 x 4.5 mm voxels,
     30 mm of empty margin, raw intensities (x 870 + 40). Through the default pipeline (reorient,
     resample to the checkpoint's grid, fit the head's box, normalise) white matter still beats
-    copy-the-prompt and stays within 0.1 Dice of the canonical 64^3 case."""
+    copy-the-prompt and stays within 0.1 Dice of the canonical case (on the checkpoint's grid)."""
     from vicl_fast.data.demo_data import load_demo_subjects
     from vicl_fast.data.metrics import dice
-    from vicl_fast.training.demo_recipe import normalised
 
     head = load_demo_subjects(names=["colin27"])[0]  # 96^3, 2.25 mm, MNI
     brain = head.masks["brain"]
     img, aff = _restore_like_a_scanner(head.image * brain, head.affine, (1.2, 1.2, 4.5), 30.0, 1)
     wm, _ = _restore_like_a_scanner(head.masks["wm"].astype(np.float32), head.affine, (1.2, 1.2, 4.5), 30.0, 0)
-    pool = [normalised(s) for s in load_demo_subjects(names=["icbm152"], size=64, n_augmented=ev.N_CONTEXTS,
-                                                      seed=ev.CONTEXT_SEED)[1:]]
+    pool = ev.context_pool(GRID, ev.N_CONTEXTS)
     ctx = [(s.image, s.masks["wm"].astype(np.uint8)) for s in pool]
     scanner = Predictor(ctx, "seg", None, affine=pool[0].affine, device="cpu")
     pred = np.asarray(scanner.predict(nib.Nifti1Image(img * 870 + 40, aff)).image.dataobj) > 0
     d_scanner = dice(pred, wm > 0.5)
 
-    canonical = load_demo_subjects(names=["colin27"], size=64)[0]
+    canonical = load_demo_subjects(names=["colin27"], size=GRID)[0]
     c_img = canonical.image * canonical.masks["brain"]
-    pred64 = np.asarray(scanner.predict(nib.Nifti1Image(c_img, canonical.affine)).image.dataobj) > 0
-    d_canonical = dice(pred64, canonical.masks["wm"])
+    pred_c = np.asarray(scanner.predict(nib.Nifti1Image(c_img, canonical.affine)).image.dataobj) > 0
+    d_canonical = dice(pred_c, canonical.masks["wm"])
     d_copy = dice(pool[0].masks["wm"], canonical.masks["wm"])
     assert d_scanner > d_copy and d_scanner > d_canonical - 0.1, (d_scanner, d_canonical, d_copy)

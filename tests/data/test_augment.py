@@ -93,6 +93,18 @@ def test_elastic_displacement_smooth_and_never_folds(size):
     assert 0.8 < warped.sum() / img.sum() < 1.25 and not np.allclose(warped, img)
 
 
+@pytest.mark.parametrize("shape", [(96, 96, 96), (20, 22, 18), (40, 56), (17, 23, 1)])
+def test_elastic_field_is_the_nd_bspline_zoom_of_its_control_points(shape):
+    """The separable (axis by axis) field equals one n-D cubic B-spline ``ndimage.zoom`` of the same draws."""
+    d = aug.elastic_displacement(np.random.default_rng(3), shape, control_points=6, magnitude=3.0,
+                                 max_gradient=np.inf)
+    coarse = np.random.default_rng(3).normal(0.0, 3.0, size=(len(shape),) + (6,) * len(shape))
+    ref = np.stack([ndimage.zoom(c, [s / 6 for s in shape], order=3, mode="nearest", grid_mode=True,
+                                 prefilter=False)[tuple(slice(0, s) for s in shape)] for c in coarse])
+    assert d.shape == ref.shape
+    np.testing.assert_allclose(d, ref, rtol=0, atol=1e-12)
+
+
 def test_intensity_ops_measured_back():
     x = np.random.default_rng(0).random((24, 24, 24)).astype(np.float32)
     for seed in range(5):

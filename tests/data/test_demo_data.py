@@ -78,6 +78,18 @@ def test_resize_and_augmented_copies():
         load_demo_subjects(names=["bob"])
 
 
+def test_a_subset_of_masks_loads_the_same_volumes():
+    full = load_demo_subjects(names=["icbm152"], size=32, n_augmented=2, seed=4)
+    some = load_demo_subjects(names=["icbm152"], size=32, n_augmented=2, seed=4, masks=["wm", "head"])
+    for f, s in zip(full, some):
+        assert sorted(s.masks) == ["head", "wm"] and s.label_maps == {}
+        np.testing.assert_array_equal(s.image, f.image)
+        for k in ("wm", "head"):
+            np.testing.assert_array_equal(s.masks[k], f.masks[k])
+    with pytest.raises(ValueError, match="unknown mask"):
+        load_demo_subjects(names=["icbm152"], size=32, masks=["wm", "liver"])
+
+
 def test_write_demo_nifti(tmp_path):
     subs = load_demo_subjects(names=["colin27"], size=32)
     ((ip, lp),) = write_demo_nifti(tmp_path, label="lobes", subjects=subs)

@@ -107,9 +107,7 @@ class GridMapping:
         ``mode="nearest"`` lets the grid's outermost voxel centres, which lie in the
         original volume's outer half-voxel rim, take the edge value instead of 0.
         """
-        out = affine_resample(
-            data, self.index_map, self.grid_shape, order=order, mode="nearest", antialias=antialias
-        )
+        out = _resample(data, self.index_map, self.grid_shape, order=order, antialias=antialias)
         if self.block is not None:
             keep = np.zeros(self.grid_shape, dtype=bool)
             keep[self.block] = True
@@ -125,6 +123,19 @@ class GridMapping:
     def inverse_map(self) -> np.ndarray:
         """``Q^-1``: original voxel -> model voxel, (4, 4) float64."""
         return np.linalg.inv(self.index_map)
+
+
+def _resample(data: np.ndarray, index_map: np.ndarray, shape: Sequence[int], order: int,
+              antialias: bool) -> np.ndarray:
+    """:func:`affine_resample` with ``mode="nearest"``, except that a volume already on the grid (the map
+    exactly the identity, as for the demo's volumes) is returned as it is in the output dtype: sampling
+    at the voxel centres themselves reproduces every value, and skipping it saves ~0.1 s per 96^3 volume."""
+    src = np.asarray(data)
+    if src.shape == tuple(shape) and np.array_equal(index_map, np.eye(src.ndim + 1)):
+        if order == 0:
+            return src.astype(np.uint8 if src.dtype == np.bool_ else src.dtype, copy=True)
+        return src.astype(np.float32, copy=True)
+    return affine_resample(src, index_map, shape, order=order, mode="nearest", antialias=antialias)
 
 
 def plan_grid(
@@ -333,9 +344,7 @@ def to_original(volume: np.ndarray, mapping: GridMapping, kind: str = "image") -
     order = 0 if kind == "label" else 1
     # mode="nearest": original voxels in the half-voxel rim outside the grid's
     # sample centres take the edge value instead of 0.
-    out = affine_resample(
-        vol, mapping.inverse_map, mapping.orig_shape, order=order, mode="nearest", antialias=(order == 1)
-    )
+    out = _resample(vol, mapping.inverse_map, mapping.orig_shape, order=order, antialias=(order == 1))
     if mapping.box is not None:  # outside the fitted region nothing was predicted
         lo, hi = mapping.box
         keep = np.zeros(out.shape, dtype=bool)

@@ -223,10 +223,8 @@ def training_subjects(recipe: Recipe) -> list:
     from vicl_fast.data.demo_data import load_demo_subjects
 
     subs = load_demo_subjects(names=["icbm152"], size=recipe.grid, n_augmented=recipe.train_variants,
-                              seed=recipe.seed)
-    keep = set(recipe.seg_masks)
-    return [dataclasses.replace(normalised(s), masks={k: v for k, v in s.masks.items() if k in keep},
-                                label_maps={}) for s in subs]
+                              seed=recipe.seed, masks=recipe.seg_masks)
+    return [normalised(s) for s in subs]
 
 
 class DemoHeadSource(SubjectSource):
