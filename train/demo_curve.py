@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from vicl_fast import evaluation as ev
+from vicl_fast.errors import UsageError
 from vicl_fast.inference import load_model
-from vicl_fast.training.demo_recipe import data_digest
+from vicl_fast.training.demo_recipe import data_digest, run_folder_grid
 
 
 _PROTOCOL = "_protocol"  # the key of colin27_curve.json that says what its numbers were measured on
@@ -60,15 +61,6 @@ def _run_arg(text: str) -> tuple[Path, int]:
     return Path(path), int(start or 0)
 
 
-def run_grid(run_dir: Path) -> int:
-    """The grid a run trained at (and its snapshots are evaluated at): ``demo_<grid>_<run>`` as named by
-    :func:`vicl_fast.training.demo_recipe.run_folder`."""
-    try:
-        return int(run_dir.name.split("_")[1])
-    except (IndexError, ValueError):
-        raise SystemExit(f"--run-dir {run_dir}: not a demo run folder (demo_<grid>_<run>)") from None
-
-
 Series = dict[str, list[tuple[float, float]]]
 
 
@@ -80,7 +72,7 @@ def collect(runs: list[tuple[Path, int]], draws: int) -> tuple[Series, Series, S
     val: Series = {}
     for i, (run_dir, start) in enumerate(runs):
         stop = runs[i + 1][1] if i + 1 < len(runs) else float("inf")  # the next phase takes over there
-        curve = evaluate_snapshots(run_dir, draws, grid=run_grid(run_dir), last_step=stop - start)
+        curve = evaluate_snapshots(run_dir, draws, grid=run_folder_grid(run_dir), last_step=stop - start)
         steps = {k: start + int(k.split("_")[1]) for k in curve}
         keys = [k for k in curve if steps[k] <= stop]
 
@@ -116,7 +108,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="PNG path")
     ap.add_argument("--draws", type=int, default=2)
     args = ap.parse_args()
-    seg, gen, val = collect(args.run_dir, args.draws)
+    try:
+        seg, gen, val = collect(args.run_dir, args.draws)
+    except UsageError as exc:  # one line, no traceback
+        raise SystemExit(f"--run-dir: {exc}") from None
     ev.learning_curve(args.out, [("colin27 (held out), L = 4, on each phase's grid: Dice", seg),
                                  ("colin27, L = 4: PSNR (dB)", gen),
                                  ("validation: held-out icbm152 copies", val)])

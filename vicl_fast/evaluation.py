@@ -26,8 +26,8 @@ import numpy as np
 from vicl_fast.errors import UsageError
 from vicl_fast.training.demo_recipe import FOV_MM
 
-__all__ = ["DemoTask", "DEMO_TASKS", "N_CONTEXTS", "CONTEXT_SEED", "CONTEXT_POOL", "N_DRAWS", "FULL_PROTOCOL_L", "demo_target", "context_pool",
-           "context_draw", "showcase", "evaluate_protocol", "TARGETS", "check_targets", "table", "figure",
+__all__ = ["DemoTask", "DEMO_TASKS", "N_CONTEXTS", "CONTEXT_SEED", "CONTEXT_POOL", "N_DRAWS", "FULL_PROTOCOL_L",
+           "demo_target", "context_pool", "context_draw", "showcase", "evaluate_protocol", "TARGETS", "check_targets", "table", "figure",
            "peak_memory", "learning_curve"]
 
 

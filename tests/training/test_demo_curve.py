@@ -40,7 +40,7 @@ def test_phases_are_chained_at_their_start_step(tmp_path):
     assert [x for x, _ in val["phase 1: segmentation Dice"]] == [500, 1000]
     assert [x for x, _ in val["phase 2: segmentation Dice"]] == [1350, 1700]
     assert mod._run_arg("some/dir@1000") == (Path("some/dir"), 1000) and mod._run_arg("d") == (Path("d"), 0)
-    assert mod.run_grid(Path("x/demo_96_demo_cpu_phase5")) == 96
+    assert mod.run_folder_grid(Path("x/demo_96_demo_cpu_phase5")) == 96
 
 
 def test_a_curve_measured_on_other_data_or_draws_is_not_reused(tmp_path):

@@ -29,7 +29,7 @@ from vicl_fast.errors import UsageError, ViclFastError
 from vicl_fast.training.datasets import SubjectSource
 
 __all__ = ["Recipe", "FULL", "QUICK", "FOV_MM", "data_digest", "load_recipe", "recipe_doc", "recipe_key", "train_or_load",
-           "run_folder", "export_bf16", "preprocessing_metadata", "training_subjects", "normalised"]
+           "run_folder", "run_folder_grid", "export_bf16", "preprocessing_metadata", "training_subjects", "normalised"]
 
 #: Bump when the meaning of a recipe changes (invalidates every cached model).
 RECIPE_VERSION = 1
@@ -330,6 +330,14 @@ def train_or_load(recipe: Recipe, device: str, cache_dir: Path, *, retrain: bool
 def run_folder(cache_dir: Path, recipe: Recipe, key: str) -> Path:
     """Where a training run of ``recipe`` keeps its checkpoints, logs and ``snapshots/``."""
     return cache_dir / "runs" / f"demo_{recipe.grid}_{key}"
+
+
+def run_folder_grid(run_dir: Path) -> int:
+    """The grid a run of :func:`run_folder` trained at, read from its name ``demo_<grid>_<key>``."""
+    prefix, grid, *_ = Path(run_dir).name.split("_", 2) + ["", ""]
+    if prefix != "demo" or not grid.isdigit():
+        raise UsageError(f"{run_dir} is not a demo run folder (demo_<grid>_<run>)")
+    return int(grid)
 
 
 def _train(recipe: Recipe, device: str, cache_dir: Path, ckpt: Path, key: str, fresh: bool,
