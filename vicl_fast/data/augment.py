@@ -139,7 +139,7 @@ def elastic_displacement(
     coarse = rng.normal(0.0, magnitude, size=(n,) + (control_points,) * n)
     # The cubic B-spline zoom is a tensor product of 1-D zooms, so it is applied axis by axis as
     # (size x control_points) matrices: the same field as one n-D ``ndimage.zoom`` (to float rounding,
-    # ~1e-15) at a fraction of its cost (at 96^3: 3 ms instead of 3 s per warp).
+    # ~1e-15) at a fraction of its cost (at 96^3: 15 ms instead of 1.2 s per warp, 2-vCPU VM).
     d = np.stack([_bspline_upsample(c, shape, control_points) for c in coarse])
     steep = max((float(np.abs(np.diff(d, axis=a + 1)).max()) for a in range(n) if shape[a] > 1), default=0.0)
     if steep > max_gradient:
