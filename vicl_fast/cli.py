@@ -311,7 +311,7 @@ def _run_predict(args: argparse.Namespace) -> dict[str, Any]:
         predictor = Predictor(
             pairs, args.task, args.model, labels=args.labels, grid=grid, spacing=spacing,
             crop=args.crop, device=args.device, mini_context=args.mini_context,
-            label_batch=args.label_batch, trust_checkpoint=args.trust_checkpoint,
+            label_batch=args.label_batch, trust_checkpoint=args.trust_checkpoint, skull_strip=args.skull_strip,
             progress=lambda n: [f(n) for f in progress], log=lambda m: say(f"vicl-fast: warning: {m}"),
         )
         secs["read"] += predictor.seconds["read"]
@@ -486,6 +486,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         default=None,
         help="fit the whole field of view into the grid instead of the head/brain bounding box",
+    )
+    p.add_argument(
+        "--skull-strip",
+        choices=("auto", "no"),
+        default="auto",
+        help="auto: a target showing much more head than its contexts (a skull that brain-extracted "
+        "contexts lack) keeps only its brain, and says so; no: never (default auto)",
     )
     p.add_argument("--threshold", type=float, default=0.5, help="seg: foreground threshold (default 0.5)")
     p.add_argument(

@@ -459,6 +459,9 @@ class Predictor:
         trust_checkpoint: allow unpickling the authors' Lightning checkpoint (runs code from it).
         progress: called with the number of network stages just done (a progress bar's update).
         log: called with notes for the user (the resolution warning); ``warnings.warn`` when None.
+        skull_strip: ``"auto"``: a target showing much more head than its contexts (a skull and scalp
+            that brain-extracted contexts lack) keeps only its brain before prediction
+            (:mod:`vicl_fast.data.skull_strip`; the prediction's warnings say so); ``"no"``: never.
 
     Raises:
         the :mod:`vicl_fast.errors` classes (bad options, unreadable or inconsistent contexts, a
@@ -470,7 +473,8 @@ class Predictor:
                  grid: int | Sequence[int] | None = None, spacing: float | Sequence[float] | None = None,
                  crop: bool | None = None, device: str = "auto", mini_context: int | str = "auto",
                  label_batch: int = 1, affine: np.ndarray | None = None, trust_checkpoint: bool = False,
-                 progress: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None):
+                 progress: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None,
+                 skull_strip: str = "auto"):
         import torch
 
         from vicl_fast.data.preprocess import preprocess_image, preprocess_label
@@ -479,6 +483,9 @@ class Predictor:
         if task not in ("seg", "gen"):
             raise UsageError(f"task must be 'seg' or 'gen', got {task!r}")
         self.task = task
+        if skull_strip not in ("auto", "no"):
+            raise UsageError(f"--skull-strip must be 'auto' or 'no', got {skull_strip!r}")
+        self.skull_strip = skull_strip
         requested = parse_labels(labels)
         if task == "gen" and requested is not None:
             raise UsageError("--labels applies to --task seg only")
@@ -514,6 +521,11 @@ class Predictor:
         ctx = _read_contexts(contexts, task, affine)
         self.labels = _resolve_labels(ctx, requested) if task == "seg" else []
         self.n_contexts = len(ctx)
+        self._context_head_ml: list[float] = []
+        if skull_strip == "auto":
+            from vicl_fast.data.skull_strip import head_volume_ml
+
+            self._context_head_ml = [head_volume_ml(np.asanyarray(c.image.dataobj), c.image.affine) for c in ctx]
         read_s = time.perf_counter() - t
 
         # 3) The model, and the preprocessing it was trained with.
@@ -629,6 +641,10 @@ class Predictor:
         name = _display(target)
         if not checked:
             check_volume_content(timg, what, name)
+        notes: list[str] = []
+        if self.skull_strip == "auto":
+            timg, note = self._strip_extra_head(timg, Path(name).name)
+            notes += [note] if note else []
         tv, tm = preprocess_image(timg, spacing=self.spacing, grid=self.grid, crop=self.crop)
         secs = {"preprocess": time.perf_counter() - t}
         t = time.perf_counter()
@@ -665,7 +681,6 @@ class Predictor:
         secs["model"] = time.perf_counter() - t
         t = time.perf_counter()
         pred = np.concatenate(probs, axis=0)  # (K, *G)
-        notes: list[str] = []
         frac = None
         if self.task == "seg":
             best = pred.argmax(0)
@@ -689,6 +704,25 @@ class Predictor:
         result = make_nifti(out, timg.affine, header=timg.header, dtype=dtype)
         secs["postprocess"] = time.perf_counter() - t
         return Prediction(result, pred, frac, notes, {k: round(v, 4) for k, v in secs.items()})
+
+
+    def _strip_extra_head(self, timg: nib.Nifti1Image, short: str) -> tuple[nib.Nifti1Image, str | None]:
+        """The target with only its brain kept when it shows much more head than the contexts
+        (:func:`vicl_fast.data.skull_strip.has_extra_head`), and a note saying so; else unchanged."""
+        from vicl_fast.data.skull_strip import VOLUME_SLACK, brain_mask, has_extra_head, head_volume_ml
+
+        data = np.asanyarray(timg.dataobj)
+        data = data.reshape(data.shape[:3])
+        target_ml = head_volume_ml(data, timg.affine)
+        if not has_extra_head(target_ml, self._context_head_ml):
+            return timg, None
+        ref_ml = float(np.median(self._context_head_ml))
+        mask, radius = brain_mask(data, timg.affine, VOLUME_SLACK * ref_ml)
+        stripped = nib.Nifti1Image(np.where(mask, data, 0).astype(np.float32), timg.affine, timg.header)
+        who = "the target" if short.startswith("<") else short
+        return stripped, (f"{who} shows {target_ml / ref_ml:.1f}x the head volume of the contexts (a skull they "
+                          f"lack): kept its brain only ({mask.sum() / mask.size:.0%} of the volume, erosion "
+                          f"{radius:g} mm); --skull-strip no keeps the whole head")
 
 
 def predict_volume(target: VolumeLike, contexts: Sequence[tuple[VolumeLike, VolumeLike]],

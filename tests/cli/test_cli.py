@@ -313,6 +313,7 @@ def _bad_cases(env: Path, tmp: Path):
         ),
         "bad grid": (["--target", t0, "--context", c0i, c0l, "--grid", "30"], 2, "multiples of 16"),
         "bad option": (["--target", t0, "--context", c0i, c0l, "--mini-context", "zero"], 2, "mini-context"),
+        "bad skull option": (["--target", t0, "--context", c0i, c0l, "--skull-strip", "yes"], 2, "--skull-strip"),
     }, model
 
 
@@ -339,6 +340,7 @@ def _bad_cases(env: Path, tmp: Path):
         "preview folder missing",
         "bad grid",
         "bad option",
+        "bad skull option",
     ],
 )
 def test_bad_input(env, tmp_path, capsys, case):

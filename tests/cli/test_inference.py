@@ -173,6 +173,7 @@ def test_loaded_model_object_is_accepted(env):
     ({"spacing": -1}, errors.UsageError, "--spacing"),
     ({"labels": "0"}, errors.UsageError, "positive integers"),
     ({"device": "tpu"}, errors.UsageError, "not a device name"),
+    ({"skull_strip": "yes"}, errors.UsageError, "--skull-strip"),
 ])
 def test_bad_arguments_are_usage_errors(env, kwargs, cls, text):
     d, pairs = env
