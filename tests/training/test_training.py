@@ -732,6 +732,44 @@ def test_init_from_errors_are_named(dataset, tmp_path):
         _trainer(raw)
 
 
+def test_init_widen_and_freeze(dataset, tmp_path):
+    """train.init_widen: a narrower checkpoint starts the wider model with the same outputs;
+    train.init_freeze: its weights stay exactly fixed through training and a resumed run, while the
+    added entries learn."""
+    from vicl_fast.checkpoint import save_checkpoint
+    from vicl_fast.models.neuroverse3d.widen import widen_state_dict
+
+    narrow = _trainer(_nv_raw(dataset, tmp_path / "n", steps=2))
+    narrow.fit()
+    src = tmp_path / "narrow.safetensors"
+    save_checkpoint(narrow.model, src, model_name="neuroverse3d_tiny")
+    old, new = [4, 8, 16, 32, 64], [8, 12, 16, 32, 64]
+    raw = _nv_raw(dataset, tmp_path / "w", steps=3, ckpt_every=2, init_from=str(src), init_widen=True,
+                  init_freeze=True)
+    raw["model"]["kwargs"] = {"channels": new}
+    wide = _trainer(raw)
+    x = torch.rand(1, 1, 16, 16, 16)
+    ci, co = torch.rand(1, 2, 1, 16, 16, 16), (torch.rand(1, 2, 1, 16, 16, 16) > 0.5).float()
+    with torch.no_grad():
+        torch.testing.assert_close(wide.model(x, ci, co, fast=False), narrow.model(x, ci, co, fast=False))
+    _, was_old = widen_state_dict(narrow.model.state_dict(), old, new, wide.model.state_dict())
+    start = _params(wide.model)
+    wide.fit(max_steps=2)
+    again = _trainer(raw)  # resumes step 2 (the hooks come from the channel lists, not from init)
+    assert again.step == 2
+    again.fit()
+    end = _params(again.model)
+    for k in start:
+        assert torch.equal(start[k][was_old[k]], end[k][was_old[k]]), k
+    assert any(not torch.equal(start[k][~was_old[k]], end[k][~was_old[k]]) for k in start)
+    raw_bad = _nv_raw(dataset, tmp_path / "b", init_freeze=True, init_from=str(src))
+    with pytest.raises(ConfigError, match="needs train.init_widen"):
+        config_from_dict(raw_bad)
+    raw_bad = _nv_raw(dataset, tmp_path / "c", init_widen=True)
+    with pytest.raises(ConfigError, match="need train.init_from"):
+        config_from_dict(raw_bad)
+
+
 def test_ema_of_weights_is_validated_saved_and_resumed(dataset, tmp_path):
     """train.ema: the average follows w_avg <- d w_avg + (1 - d) w after each step (checked against the
     weights recorded step by step), validation evaluates it, and a resumed run ends with the same

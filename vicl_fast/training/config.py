@@ -175,6 +175,11 @@ class TrainConfig:
     # Weights to start from when nothing is resumed (fine-tuning; a second training phase): a vicl_fast
     # checkpoint file (.safetensors) or a training checkpoint folder. Optimizer and schedule start fresh.
     init_from: str | None = None
+    # init_from holds a narrower Neuroverse3D (fewer channels per stage): widen it to the configured
+    # channels, computing the same function (vicl_fast.models.neuroverse3d.widen); with init_freeze the
+    # weights it brings stay fixed and only the entries that widening added learn.
+    init_widen: bool = False
+    init_freeze: bool = False
     # Exponential moving average of the weights (decay per step, e.g. 0.998; 0: off). Validation, best/
     # and the exported model use the average: it smooths the step-to-step noise of small batches.
     ema: float = 0.0
@@ -393,6 +398,15 @@ def validate(cfg: Config) -> None:
     if init is not None and not Path(init).exists():
         raise ConfigError(f"train.init_from: {init} does not exist; give a vicl_fast checkpoint file "
                           "(.safetensors) or a training checkpoint folder (.../checkpoints/step_*), or remove it")
+    if (cfg.train.init_widen or cfg.train.init_freeze) and (init is None or Path(init).is_dir()):
+        raise ConfigError("train.init_widen / init_freeze need train.init_from: a vicl_fast checkpoint file "
+                          "(.safetensors) of a narrower model of the same kind")
+    if cfg.train.init_freeze and not cfg.train.init_widen:
+        raise ConfigError("train.init_freeze keeps init_from's weights fixed while the channels that "
+                          "widening adds learn: it needs train.init_widen: true")
+    if cfg.train.init_freeze and cfg.optim.weight_decay:
+        raise ConfigError("train.init_freeze: optim.weight_decay would still shrink the frozen weights; "
+                          "set it to 0")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     t = cfg.train

@@ -71,6 +71,8 @@ class Recipe:
     # Weights to start from (a second training phase): a vicl_fast .safetensors file; relative paths in a
     # recipe file are relative to that file. Keys and metadata carry its name and SHA-256, not its path.
     init_from: str | None = None
+    init_widen: bool = False  # init_from has fewer channels: widened to ``channels`` (same function)
+    init_freeze: bool = False  # with init_widen: only the added channels' weights learn
 
     @property
     def spacing(self) -> float:
@@ -110,6 +112,9 @@ def recipe_doc(recipe: Recipe) -> dict[str, Any]:
     from vicl_fast.training.checkpointing import _sha256
 
     doc = dataclasses.asdict(recipe)
+    for k in ("init_widen", "init_freeze"):  # fields added later: absent when off, so older keys stay valid
+        if not doc[k]:
+            del doc[k]
     if recipe.init_from is not None:
         f = Path(recipe.init_from)
         if not f.is_file():
@@ -279,7 +284,8 @@ def _train_config(recipe: Recipe, device: str, out_dir: Path):
                   "val_every": s if s <= 1000 else max(100, min(500, s // 10)), "ckpt_every": max(10, min(250, s // 4)),
                   "log_every": max(1, min(50, s // 20)), "keep_last": 1,
                   "out_dir": str(out_dir), "resume": "auto", "progress": False, "tensorboard": False,
-                  "ema": recipe.ema, "init_from": recipe.init_from},
+                  "ema": recipe.ema, "init_from": recipe.init_from, "init_widen": recipe.init_widen,
+                  "init_freeze": recipe.init_freeze},
     }
     return config_from_dict(raw)
 

@@ -157,6 +157,8 @@ class Trainer:
         seed_everything(t.seed)  # identical initial weights on every rank and every (re)start
         self.model, self.model_kwargs = build_model(cfg, len(self.tasks))
         self.model.to(self.device)
+        if t.init_freeze:  # before DDP and the optimizer: the old entries' gradients are zero from step 1
+            self._freeze_old_entries()
         self.ddp = D.wrap_model(self.model, self.env, t.find_unused_parameters)
         # The average of the weights (train.ema), updated after every optimizer step; a library class
         # (torch.optim.swa_utils) so that its update rule is torch's, not ours.
@@ -221,6 +223,8 @@ class Trainer:
         if name is not None and family_of(ModelConfig(name=name)) != self.family:
             raise CheckpointError(f"train.init_from {p} holds a {name!r} model, the config builds "
                                   f"{self.cfg.model.name!r}; give a checkpoint of the same model")
+        if self.cfg.train.init_widen:
+            weights = self._widened(weights, p)
         try:
             self.model.load_state_dict(weights, strict=True)
         except RuntimeError as exc:
@@ -229,6 +233,46 @@ class Trainer:
                                   f"differ?): {first[1].strip() if len(first) > 1 else first[0]}") from None
         self._reset_ema()
         log.info("initialised the weights from %s", p)
+
+    def _narrow_channels(self) -> tuple[list[int], list[int]]:
+        """``(init_from's channels per stage, the configured model's)`` for ``train.init_widen``."""
+        import json
+
+        from vicl_fast.checkpoint import _CONFIG_KEY, read_metadata
+
+        p = self.cfg.train.init_from
+        old = json.loads(read_metadata(p).get(_CONFIG_KEY, "{}")).get("channels")
+        new = getattr(self.model, "config", {}).get("channels")
+        if old is None or new is None:
+            raise CheckpointError(f"train.init_widen: {p} or the configured model has no channel list "
+                                  "(only Neuroverse3D checkpoints written by vicl_fast can be widened)")
+        return list(old), list(new)
+
+    def _widened(self, weights: dict[str, torch.Tensor], p: Path) -> dict[str, torch.Tensor]:
+        """init_from's weights placed in the configured, wider model (fresh init for the new channels)."""
+        from vicl_fast.models.neuroverse3d.widen import widen_state_dict
+
+        old, new = self._narrow_channels()
+        try:
+            wide, _ = widen_state_dict(weights, old, new, self.model.state_dict())
+        except ValueError as exc:
+            raise CheckpointError(f"train.init_widen: {p}: {exc}") from None
+        log.info("widened the weights of %s from channels %s to %s", p, old, new)
+        return wide
+
+    def _freeze_old_entries(self) -> None:
+        """Gradient hooks that zero the entries init_from brings (``train.init_freeze``): Adam then never
+        moves them. Derived from the two channel lists alone, so a resumed run freezes the same entries."""
+        from vicl_fast.models.neuroverse3d.widen import widen_state_dict
+
+        old, new = self._narrow_channels()
+        narrow = type(self.model)(**{**self.model.config, "channels": old}).state_dict()
+        _, was_old = widen_state_dict(narrow, old, new, self.model.state_dict())
+        for name, param in self.model.named_parameters():
+            keep = (~was_old[name]).to(param.device, param.dtype)
+            param.register_hook(lambda g, keep=keep: g * keep)
+        log.info("train.init_freeze: %d of %d weights learn", sum(int((~m).sum()) for m in was_old.values()),
+                 sum(m.numel() for m in was_old.values()))
 
     def _reset_ema(self) -> None:
         """The average restarts from the current weights (nothing averaged yet)."""

@@ -1,0 +1,89 @@
+"""Grow a trained Neuroverse3D to more channels per stage without changing what it computes.
+
+Training a wider model from scratch costs hours on a CPU; widening keeps every learnt weight:
+
+- each old channel keeps its index order inside its stage (and inside the two-stage concatenations
+  of the fusions, ``[c, t]`` / ``[c_mean, t]``, and of the decoder's ``[upsampled, skip]``);
+- the new channels' incoming weights keep the wider model's fresh initialisation;
+- the weights from new channels into old ones are zero, so old channels, and hence the output,
+  are exactly what they were (the model has no normalisation layers that would mix channels).
+
+Training then moves the zero weights first (their gradient is not zero), and the new channels join.
+The stage widths must keep the authors' rule (max pooling between stages of equal width, strided
+convs otherwise) of the old model, so a stage that changes width must stay unequal to its
+neighbours where it was, and equal where it was.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = ["widen_state_dict"]
+
+
+def _segments(name: str, axis: int, size: int, out_size: int, old: Sequence[int]) -> list[tuple[str, int]]:
+    """How one weight axis is made of stages: ``[("stage", k) | ("raw", n), ...]``, in concat order."""
+    stage = {c: k for k, c in enumerate(old)}
+    if axis == 1 and "combine_conv" in name:  # Target-to-Context / Context-to-Target fusion: 2 x C_k
+        return [("stage", stage[out_size])] * 2
+    if axis == 1 and "conv_layer" in name:  # decoder step: [upsampled C_{k+1}, skip C_k]
+        k = stage[out_size]
+        return [("stage", k + 1), ("stage", k)]
+    if axis == 1 and "embedding" in name:  # image (+ label) channels
+        return [("raw", size)]
+    return [("stage", stage[size])] if size in stage else [("raw", size)]
+
+
+def _index(segments: list[tuple[str, int]], old: Sequence[int], new: Sequence[int]) -> torch.Tensor:
+    """Positions of the old entries along an axis of the wide weight."""
+    idx, offset = [], 0
+    for kind, v in segments:
+        n_old, n_new = (v, v) if kind == "raw" else (old[v], new[v])
+        idx.extend(range(offset, offset + n_old))
+        offset += n_new
+    return torch.tensor(idx, dtype=torch.long)
+
+
+def widen_state_dict(narrow: dict[str, torch.Tensor], old_channels: Sequence[int], new_channels: Sequence[int],
+                     wide_init: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The weights of a Neuroverse3D with ``old_channels`` per stage, placed in one with ``new_channels``.
+
+    Args:
+        narrow: the trained model's state dict.
+        old_channels, new_channels: channels per stage (same number of stages, each new >= old, and
+            with the same stages of equal width, so that pooling and strided convs stay where they are).
+        wide_init: a freshly initialised wide model's state dict (the new channels' incoming weights).
+    Returns:
+        ``(wide state dict, old)``: ``old[name]`` is True where an entry holds a weight of the narrow model.
+    Raises:
+        ValueError: stage lists that cannot be widened into each other, or a key missing.
+    """
+    old, new = list(old_channels), list(new_channels)
+    if len(old) != len(new) or any(n < o for o, n in zip(old, new)):
+        raise ValueError(f"cannot widen channels {old} to {new}: same number of stages, each at least as wide")
+    if len(set(old)) != len(old):
+        raise ValueError(f"channels {old}: widening needs a different width per stage (to tell weights apart)")
+    same = [a == b for a, b in zip(old, old[1:])]
+    if same != [a == b for a, b in zip(new, new[1:])]:
+        raise ValueError(f"channels {old} -> {new} changes which stages are joined by pooling")
+    if set(narrow) != set(wide_init):
+        raise ValueError(f"the two models' keys differ: {sorted(set(narrow) ^ set(wide_init))[:4]}")
+    out, was_old = {}, {}
+    for name, w_old in narrow.items():
+        w = wide_init[name].detach().clone().to(w_old.dtype)
+        is_old = torch.zeros(w.shape, dtype=torch.bool)
+        rows = _index(_segments(name, 0, w_old.shape[0], w_old.shape[0], old), old, new)
+        if w.dim() == 1:
+            w[rows] = w_old
+            is_old[rows] = True
+        else:
+            cols = _index(_segments(name, 1, w_old.shape[1], w_old.shape[0], old), old, new)
+            new_cols = torch.ones(w.shape[1], dtype=torch.bool)
+            new_cols[cols] = False
+            w[rows.unsqueeze(1), new_cols.nonzero().squeeze(1).unsqueeze(0)] = 0  # new -> old channels: none
+            w[rows.unsqueeze(1), cols.unsqueeze(0)] = w_old
+            is_old[rows.unsqueeze(1), cols.unsqueeze(0)] = True
+        out[name], was_old[name] = w, is_old
+    return out, was_old
