@@ -197,6 +197,16 @@ def test_cpu_recipes_parse_and_phase2_starts_from_the_committed_phase1_weights()
         assert r.init_from == str(root / "train" / "resume" / init)
         assert (r.grid, r.channels, r.model, r.seg_masks) == (p2.grid, p2.channels, p2.model, p2.seg_masks)
         create_model(r.model, channels=r.channels).load_state_dict(load_file(r.init_from), strict=True)
+    # Phase 5 widens phase 3's weights (train.init_widen); the flags enter its key, and only where they are on.
+    from vicl_fast.models.neuroverse3d.widen import widen_state_dict
+
+    r5 = main_job.load_recipe(root / "train" / "configs" / "demo_cpu_phase5.yaml")
+    assert r5.init_widen and r5.init_freeze and r5.init_from == str(root / "train" / "resume" / init)
+    wide = create_model(r5.model, channels=r5.channels)
+    sd, _ = widen_state_dict({k: v.float() for k, v in load_file(r5.init_from).items()}, p2.channels, r5.channels,
+                             wide.state_dict())
+    wide.load_state_dict(sd, strict=True)
+    assert demo_recipe.recipe_doc(r5)["init_widen"] is True and "init_widen" not in demo_recipe.recipe_doc(p2)
 
 
 def test_recipe_with_unknown_key_is_refused(tmp_path):
