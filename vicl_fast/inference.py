@@ -521,11 +521,7 @@ class Predictor:
         ctx = _read_contexts(contexts, task, affine)
         self.labels = _resolve_labels(ctx, requested) if task == "seg" else []
         self.n_contexts = len(ctx)
-        self._context_head_ml: list[float] = []
-        if skull_strip == "auto":
-            from vicl_fast.data.skull_strip import head_volume_ml
-
-            self._context_head_ml = [head_volume_ml(np.asanyarray(c.image.dataobj), c.image.affine) for c in ctx]
+        self._context_head_ml: list[float] = []  # for skull_strip="auto", filled with the contexts below
         read_s = time.perf_counter() - t
 
         # 3) The model, and the preprocessing it was trained with.
@@ -553,7 +549,13 @@ class Predictor:
         t = time.perf_counter()
         ctx_in, ctx_lab = [], []
         for c in ctx:
-            v, m = preprocess_image(c.image, spacing=self.spacing, grid=self.grid, crop=self.crop)
+            image = c.image
+            if skull_strip == "auto":
+                from vicl_fast.data.skull_strip import head_volume_ml
+
+                image = _in_memory(image)  # read once for the head volume and the preprocessing
+                self._context_head_ml.append(head_volume_ml(np.asanyarray(image.dataobj), image.affine))
+            v, m = preprocess_image(image, spacing=self.spacing, grid=self.grid, crop=self.crop)
             ctx_in.append(v)
             if task == "seg":
                 lab, _ = preprocess_label(c.label, mapping=m)
@@ -705,12 +707,12 @@ class Predictor:
         secs["postprocess"] = time.perf_counter() - t
         return Prediction(result, pred, frac, notes, {k: round(v, 4) for k, v in secs.items()})
 
-
     def _strip_extra_head(self, timg: nib.Nifti1Image, short: str) -> tuple[nib.Nifti1Image, str | None]:
         """The target with only its brain kept when it shows much more head than the contexts
         (:func:`vicl_fast.data.skull_strip.has_extra_head`), and a note saying so; else unchanged."""
         from vicl_fast.data.skull_strip import VOLUME_SLACK, brain_mask, has_extra_head, head_volume_ml
 
+        timg = _in_memory(timg)  # read once for the check and the preprocessing
         data = np.asanyarray(timg.dataobj)
         data = data.reshape(data.shape[:3])
         target_ml = head_volume_ml(data, timg.affine)
@@ -723,6 +725,14 @@ class Predictor:
         return stripped, (f"{who} shows {target_ml / ref_ml:.1f}x the head volume of the contexts (a skull they "
                           f"lack): kept its brain only ({mask.sum() / mask.size:.0%} of the volume, erosion "
                           f"{radius:g} mm); --skull-strip no keeps the whole head")
+
+
+def _in_memory(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """``img`` with its voxels read (scaling applied): later reads cost nothing, where a file-backed
+    image would decompress its file again."""
+    if isinstance(img.dataobj, np.ndarray):
+        return img
+    return nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header)
 
 
 def predict_volume(target: VolumeLike, contexts: Sequence[tuple[VolumeLike, VolumeLike]],

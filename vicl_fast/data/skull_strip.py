@@ -21,9 +21,9 @@ larger than :data:`VOLUME_SLACK` x the contexts' median head volume is taken.
 
 Measured (Dice against the reference brain masks; see ``tests/data/test_skull_strip.py``):
 colin27 at 1 mm against ``ch2bet`` 0.949, at 1x1x4 mm 0.950, at 3 mm 0.944; the embedded colin27
-at 2.25 mm 0.926, with 6.75 mm slices 0.930 and at 3.4 mm 0.899 against its brain mask. A heuristic for adult T1 scans, not
-a trained brain extractor: for other contrasts or for heads unlike the contexts, give
-brain-extracted targets and ``skull_strip="no"``.
+at 2.25 mm 0.926, with 6.75 mm slices 0.930 and at 3.4 mm 0.899 against its brain mask. A
+heuristic for adult T1 scans, not a trained brain extractor: for other contrasts or for heads
+unlike the contexts, give brain-extracted targets and ``skull_strip="no"``.
 """
 
 from __future__ import annotations
@@ -65,9 +65,11 @@ def otsu_threshold(x: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def _zooms(affine: np.ndarray) -> tuple[float, float, float]:
+def _zooms(affine: np.ndarray) -> tuple[float, ...]:
     """Voxel sizes (mm) of a voxel-to-world affine."""
-    return tuple(float(v) for v in np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(0)))
+    from nibabel.affines import voxel_sizes
+
+    return tuple(float(v) for v in voxel_sizes(np.asarray(affine, float)))
 
 
 def head_mask(data: np.ndarray) -> np.ndarray:

@@ -263,11 +263,13 @@ class Trainer:
     def _freeze_old_entries(self) -> None:
         """Gradient hooks that zero the entries init_from brings (``train.init_freeze``): Adam then never
         moves them. Derived from the two channel lists alone, so a resumed run freezes the same entries."""
-        from vicl_fast.models.neuroverse3d.widen import widen_state_dict
+        from vicl_fast.models.neuroverse3d.widen import old_entries
 
         old, new = self._narrow_channels()
-        narrow = type(self.model)(**{**self.model.config, "channels": old}).state_dict()
-        _, was_old = widen_state_dict(narrow, old, new, self.model.state_dict())
+        with torch.device("meta"):  # shapes only: no weights allocated
+            narrow = type(self.model)(**{**self.model.config, "channels": old})
+        was_old = old_entries({k: v.shape for k, v in narrow.state_dict().items()}, old, new,
+                              {k: v.shape for k, v in self.model.state_dict().items()})
         for name, param in self.model.named_parameters():
             keep = (~was_old[name]).to(param.device, param.dtype)
             param.register_hook(lambda g, keep=keep: g * keep)

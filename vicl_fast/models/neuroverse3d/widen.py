@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["widen_state_dict"]
+__all__ = ["old_entries", "widen_state_dict"]
 
 
 def _segments(name: str, axis: int, size: int, out_size: int, old: Sequence[int]) -> list[tuple[str, int]]:
@@ -46,6 +46,45 @@ def _index(segments: list[tuple[str, int]], old: Sequence[int], new: Sequence[in
     return torch.tensor(idx, dtype=torch.long)
 
 
+def _check(old: Sequence[int], new: Sequence[int], narrow_keys, wide_keys) -> None:
+    if len(old) != len(new) or any(n < o for o, n in zip(old, new)):
+        raise ValueError(f"cannot widen channels {old} to {new}: same number of stages, each at least as wide")
+    if len(set(old)) != len(old):
+        raise ValueError(f"channels {old}: widening needs a different width per stage (to tell weights apart)")
+    same = [a == b for a, b in zip(old, old[1:])]
+    if same != [a == b for a, b in zip(new, new[1:])]:
+        raise ValueError(f"channels {old} -> {new} changes which stages are joined by pooling")
+    if set(narrow_keys) != set(wide_keys):
+        raise ValueError(f"the two models' keys differ: {sorted(set(narrow_keys) ^ set(wide_keys))[:4]}")
+
+
+def _placement(name: str, old_shape: Sequence[int], old: Sequence[int], new: Sequence[int]
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows (output channels) and, for weights, columns (input channels) of the old entries."""
+    rows = _index(_segments(name, 0, old_shape[0], old_shape[0], old), old, new)
+    if len(old_shape) == 1:
+        return rows, None
+    return rows, _index(_segments(name, 1, old_shape[1], old_shape[0], old), old, new)
+
+
+def old_entries(narrow_shapes: dict[str, Sequence[int]], old_channels: Sequence[int], new_channels: Sequence[int],
+                wide_shapes: dict[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+    """Where the narrow model's weights sit in the wide one: ``name -> bool tensor`` of the wide shape.
+    Shapes only (e.g. of a model built on the meta device); :func:`widen_state_dict` checks the arguments."""
+    old, new = list(old_channels), list(new_channels)
+    _check(old, new, narrow_shapes, wide_shapes)
+    out = {}
+    for name, shape in narrow_shapes.items():
+        is_old = torch.zeros(tuple(wide_shapes[name]), dtype=torch.bool)
+        rows, cols = _placement(name, shape, old, new)
+        if cols is None:
+            is_old[rows] = True
+        else:
+            is_old[rows.unsqueeze(1), cols.unsqueeze(0)] = True
+        out[name] = is_old
+    return out
+
+
 def widen_state_dict(narrow: dict[str, torch.Tensor], old_channels: Sequence[int], new_channels: Sequence[int],
                      wide_init: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The weights of a Neuroverse3D with ``old_channels`` per stage, placed in one with ``new_channels``.
@@ -56,34 +95,19 @@ def widen_state_dict(narrow: dict[str, torch.Tensor], old_channels: Sequence[int
             with the same stages of equal width, so that pooling and strided convs stay where they are).
         wide_init: a freshly initialised wide model's state dict (the new channels' incoming weights).
     Returns:
-        ``(wide state dict, old)``: ``old[name]`` is True where an entry holds a weight of the narrow model.
+        ``(wide state dict, old)``: ``old[name]`` is True where an entry holds a weight of the narrow model
+        (:func:`old_entries`).
     Raises:
         ValueError: stage lists that cannot be widened into each other, or a key missing.
     """
+    was_old = old_entries({k: v.shape for k, v in narrow.items()}, old_channels, new_channels,
+                          {k: v.shape for k, v in wide_init.items()})
     old, new = list(old_channels), list(new_channels)
-    if len(old) != len(new) or any(n < o for o, n in zip(old, new)):
-        raise ValueError(f"cannot widen channels {old} to {new}: same number of stages, each at least as wide")
-    if len(set(old)) != len(old):
-        raise ValueError(f"channels {old}: widening needs a different width per stage (to tell weights apart)")
-    same = [a == b for a, b in zip(old, old[1:])]
-    if same != [a == b for a, b in zip(new, new[1:])]:
-        raise ValueError(f"channels {old} -> {new} changes which stages are joined by pooling")
-    if set(narrow) != set(wide_init):
-        raise ValueError(f"the two models' keys differ: {sorted(set(narrow) ^ set(wide_init))[:4]}")
-    out, was_old = {}, {}
+    out = {}
     for name, w_old in narrow.items():
         w = wide_init[name].detach().clone().to(w_old.dtype)
-        is_old = torch.zeros(w.shape, dtype=torch.bool)
-        rows = _index(_segments(name, 0, w_old.shape[0], w_old.shape[0], old), old, new)
-        if w.dim() == 1:
-            w[rows] = w_old
-            is_old[rows] = True
-        else:
-            cols = _index(_segments(name, 1, w_old.shape[1], w_old.shape[0], old), old, new)
-            new_cols = torch.ones(w.shape[1], dtype=torch.bool)
-            new_cols[cols] = False
-            w[rows.unsqueeze(1), new_cols.nonzero().squeeze(1).unsqueeze(0)] = 0  # new -> old channels: none
-            w[rows.unsqueeze(1), cols.unsqueeze(0)] = w_old
-            is_old[rows.unsqueeze(1), cols.unsqueeze(0)] = True
-        out[name], was_old[name] = w, is_old
+        rows, _ = _placement(name, w_old.shape, old, new)
+        w[rows] = 0  # into old channels: nothing from new ones; the old weights are placed next
+        w[was_old[name]] = w_old.flatten()  # both in row-major order (the positions only increase)
+        out[name] = w
     return out, was_old
