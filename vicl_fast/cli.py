@@ -13,7 +13,7 @@ Usage (segmentation of one scan from two labelled examples)::
 Inputs are NIfTI files; a folder holding one DICOM series is read too when
 ``pydicom`` is installed (``pip install pydicom``; see :mod:`vicl_fast.data.io`).
 Every output lands on the target's own voxel grid with its affine and header
-(labels nearest neighbour, images linear). All inputs are read and checked
+(images linearly; label maps from each label's linearly resampled probability). All inputs are read and checked
 before the model runs; a blank (constant) scan is refused rather than given an
 invented result, and an empty segmentation, or one covering nearly the whole
 field of view, is reported as a ``vicl-fast: warning:`` line.
@@ -61,7 +61,9 @@ preprocessing, the model and the maths are :class:`vicl_fast.inference.Predictor
 Without ``--model`` the checkpoint shipped with the package is used (one line says
 which), at the grid, spacing and cropping it was trained with unless
 ``--grid`` / ``--spacing`` / ``--no-crop`` override them (a warning says when an
-override leaves its trained resolution).
+override leaves its trained resolution), and for a segmentation at the grid scales
+its metadata lists (``--scales``), averaged with the left-right mirror image when
+its metadata says so (``--mirror``; the shipped model does).
 
 Subcommands are registered in :data:`COMMANDS`; ``train`` is added there by
 the training code.
@@ -312,6 +314,7 @@ def _run_predict(args: argparse.Namespace) -> dict[str, Any]:
             pairs, args.task, args.model, labels=args.labels, grid=grid, spacing=spacing,
             crop=args.crop, device=args.device, mini_context=args.mini_context,
             label_batch=args.label_batch, trust_checkpoint=args.trust_checkpoint, skull_strip=args.skull_strip,
+            scales=args.scales, mirror=None if args.mirror is None else args.mirror == "yes",
             progress=lambda n: [f(n) for f in progress], log=lambda m: say(f"vicl-fast: warning: {m}"),
         )
         secs["read"] += predictor.seconds["read"]
@@ -493,6 +496,16 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="auto: a target showing much more head than its contexts (a skull that brain-extracted "
         "contexts lack) keeps only its brain, and says so; no: never (default auto)",
+    )
+    p.add_argument(
+        "--scales", type=float, nargs="+", default=None, metavar="S",
+        help="seg: also predict on grids S times finer over the same field of view and average each label's "
+        "probability (e.g. 1 1.25); default: the checkpoint's (the shipped model: 1 1.25), else 1",
+    )
+    p.add_argument(
+        "--mirror", choices=("yes", "no"), default=None,
+        help="also predict the left-right mirror image and average the two (twice the model time); "
+        "default: the checkpoint's (the shipped model: yes), else no",
     )
     p.add_argument("--threshold", type=float, default=0.5, help="seg: foreground threshold (default 0.5)")
     p.add_argument(

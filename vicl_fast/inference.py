@@ -18,7 +18,8 @@ Pipeline: each volume is reoriented, resampled to the model's spacing and fitted
 (:mod:`vicl_fast.data.preprocess`; by default the grid, spacing and cropping the checkpoint was
 trained with, from its metadata), intensities normalised on their 2 / 98 percentiles; the model
 runs with APSP mini-contexts sized from a memory estimate (:func:`vicl_fast.apsp.plan_inference_memory`);
-the output goes back onto the target's grid (labels nearest neighbour, images linear).
+the output goes back onto the target's grid (linearly: images, and each label's probability before
+the label map is drawn, :func:`vicl_fast.data.preprocess.labels_to_original`).
 
 :class:`Predictor` keeps the model and the preprocessed contexts for many targets (the command
 line's batch mode); :func:`predict_volume` is the one-call form.
@@ -123,6 +124,28 @@ class _Context:
     image: nib.Nifti1Image
     label: nib.Nifti1Image
     values: np.ndarray  # unique label values (seg) or empty (gen)
+
+
+@dataclass
+class _Level:
+    """The contexts on one model grid (a multi-scale segmentation has several)."""
+
+    grid: tuple[int, int, int]
+    spacing: float | tuple[float, float, float]
+    ctx_in: Any  # torch.Tensor (1, L, 1, *grid)
+    ctx_lab: list[np.ndarray]  # L x (*grid): label maps (seg) or output images (gen)
+    plan: Any  # vicl_fast.apsp.InferencePlan
+
+
+def _scaled_grid(grid: tuple[int, int, int], spacing: float | tuple[float, float, float], scale: float
+                 ) -> tuple[tuple[int, int, int], float | tuple[float, float, float]]:
+    """The grid ``scale`` times finer over the same field of view: each side rounded to a multiple of 16,
+    the spacing shrunk by the same per-axis ratio (so the fitted region does not change)."""
+    if scale == 1.0:
+        return grid, spacing
+    g = tuple(max(16, int(np.floor(n * scale / 16 + 0.5)) * 16) for n in grid)  # halves up: 32 x 1.25 -> 48
+    sp = tuple(float(v) * n / m for v, n, m in zip(np.broadcast_to(spacing, 3), grid, g))
+    return g, (sp[0] if len(set(sp)) == 1 else sp)  # type: ignore[return-value]
 
 
 def _read_contexts(pairs: Sequence[tuple[VolumeLike, VolumeLike]], task: str,
@@ -407,7 +430,7 @@ class Prediction:
         image: on the target's voxel grid, with its affine and header: a label map (seg, integer
             classes) or an image (gen, [0, 1] or the target's intensity range).
         grid_output: the model's output on the model grid, ``(K, D, H, W)`` float32 (K = labels
-            for seg, probabilities; 1 for gen).
+            for seg, probabilities; 1 for gen); with several ``scales``, the first scale's.
         foreground_fraction: seg: the labelled share of the target's voxels (None for gen).
         warnings: e.g. an empty segmentation, one covering nearly the whole field of view.
         seconds: ``{"preprocess", "model", "postprocess"}``.
@@ -462,6 +485,13 @@ class Predictor:
         skull_strip: ``"auto"``: a target showing much more head than its contexts (a skull and scalp
             that brain-extracted contexts lack) keeps only its brain before prediction
             (:mod:`vicl_fast.data.skull_strip`; the prediction's warnings say so); ``"no"``: never.
+        scales: seg: also run the model on grids this many times finer over the same field of view
+            (``(1, 1.25)``: 64^3 and 80^3 for a 64^3 model) and average each label's probability on the
+            target's grid (:func:`vicl_fast.data.preprocess.labels_to_original`); None: the checkpoint's
+            ``segmentation_scales`` (its metadata), else ``(1,)``. Time and memory grow with each grid.
+        mirror: also predict the left-right mirror image of the target and contexts (the model grid's
+            first axis, R-L after the reorientation) and average the two outputs (test-time
+            augmentation; twice the model time); None: the checkpoint's ``mirror_tta``, else False.
 
     Raises:
         the :mod:`vicl_fast.errors` classes (bad options, unreadable or inconsistent contexts, a
@@ -474,7 +504,8 @@ class Predictor:
                  crop: bool | None = None, device: str = "auto", mini_context: int | str = "auto",
                  label_batch: int = 1, affine: np.ndarray | None = None, trust_checkpoint: bool = False,
                  progress: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None,
-                 skull_strip: str = "auto"):
+                 skull_strip: str = "auto", scales: float | Sequence[float] | None = None,
+                 mirror: bool | None = None):
         import torch
 
         from vicl_fast.data.preprocess import preprocess_image, preprocess_label
@@ -545,68 +576,97 @@ class Predictor:
                           f"{'x'.join(map(str, self.grid))} and {self.spacing} mm leaves its trained resolution")
         model_s = time.perf_counter() - t
 
-        # 4) Contexts on the model grid (shared by every target).
+        # 4) Contexts on every model grid (shared by every target): the grid, and for a multi-scale
+        # segmentation the finer grids over the same field of view.
         t = time.perf_counter()
-        ctx_in, ctx_lab = [], []
-        for c in ctx:
-            image = c.image
-            if skull_strip == "auto":
-                from vicl_fast.data.skull_strip import head_volume_ml
+        from vicl_fast._threads import thread_map
 
-                image = _in_memory(image)  # read once for the head volume and the preprocessing
-                self._context_head_ml.append(head_volume_ml(np.asanyarray(image.dataobj), image.affine))
-            v, m = preprocess_image(image, spacing=self.spacing, grid=self.grid, crop=self.crop)
-            ctx_in.append(v)
-            if task == "seg":
-                lab, _ = preprocess_label(c.label, mapping=m)
-                ctx_lab.append(lab)
-            else:
-                out_v, _ = preprocess_image(c.label, mapping=m)  # same geometry as its image
-                ctx_lab.append(out_v)
-        if task == "seg":
-            for ci, lab in enumerate(ctx_lab, start=1):
-                for v in self.labels:
-                    if not np.any(lab == v):
-                        raise BadLabelError(
-                            f"label {v} of context {ci} vanishes on the model grid (structure smaller "
-                            f"than a voxel at --spacing {self.spacing}); use a finer --spacing/--grid"
-                        )
-        self._ctx_in = torch.from_numpy(np.stack(ctx_in))[None, :, None]  # (1, L, 1, *G)
-        self._ctx_lab = ctx_lab
+        self.scales = self._resolve_scales(scales, trained)
+        self.mirror = bool(trained.get("mirror_tta", False)) if mirror is None else bool(mirror)
+        images = [c.image for c in ctx]
+        if skull_strip == "auto":
+            from vicl_fast.data.skull_strip import head_volume_ml
+
+            images = thread_map(_in_memory, images)  # read once for the head volume and every grid's preprocessing
+            self._context_head_ml = thread_map(lambda im: head_volume_ml(np.asanyarray(im.dataobj), im.affine), images)
         chunk = len(self.labels) if label_batch == 0 else max(1, int(label_batch))
         self.chunks = [self.labels[i:i + chunk] for i in range(0, len(self.labels), chunk)] if self.labels else [[]]
-        read_s += time.perf_counter() - t
+        self._levels: list[_Level] = []
+        for s in self.scales:
+            g, sp = _scaled_grid(self.grid, self.spacing, s)
+            if any(lv.grid == g for lv in self._levels):
+                continue  # two scales rounding to one grid: the same prediction twice
 
-        # 5) Memory: estimate before running; refuse what cannot fit, size mini-contexts.
+            def on_grid(pair: tuple[_Context, nib.Nifti1Image]) -> tuple[np.ndarray, np.ndarray]:
+                c, image = pair
+                v, m = preprocess_image(image, spacing=sp, grid=g, crop=self.crop)
+                if task == "seg":
+                    return v, preprocess_label(c.label, mapping=m)[0]
+                return v, preprocess_image(c.label, mapping=m)[0]  # same geometry as its image
+
+            ctx_in, ctx_lab = (list(x) for x in zip(*thread_map(on_grid, list(zip(ctx, images)))))
+            if task == "seg":
+                for ci, lab in enumerate(ctx_lab, start=1):
+                    for v in self.labels:
+                        if not np.any(lab == v):
+                            raise BadLabelError(
+                                f"label {v} of context {ci} vanishes on the model grid (structure smaller "
+                                f"than a voxel at --spacing {sp}); use a finer --spacing/--grid"
+                            )
+            # 5) Memory: estimate before running; refuse what cannot fit, size mini-contexts.
+            plan = self._memory_plan(g, mini)
+            self._levels.append(_Level(g, sp, torch.from_numpy(np.stack(ctx_in))[None, :, None], ctx_lab, plan))
+        self.plan = self._levels[0].plan
+        read_s += time.perf_counter() - t
+        self.progress = progress
+        self.seconds = {"read": read_s, "model": model_s}
+
+    def _resolve_scales(self, scales: Sequence[float] | None, trained: dict[str, Any]) -> tuple[float, ...]:
+        """The grid scales to predict at: the caller's, else the checkpoint's ``segmentation_scales``
+        (seg), else ``(1.0,)``."""
+        if scales is None:
+            found = trained.get("segmentation_scales") if self.task == "seg" else None
+            return tuple(float(v) for v in found) if found else (1.0,)
+        vals = [float(scales)] if np.isscalar(scales) else [float(v) for v in scales]
+        if not vals or any(not (0.25 <= v <= 4.0) for v in vals):
+            raise UsageError(f"--scales takes grid scales between 0.25 and 4 (e.g. 1 1.25), got {scales}")
+        if self.task == "gen" and vals != [1.0]:
+            raise UsageError("--scales applies to --task seg only (a multi-scale mean blurs generated images)")
+        return tuple(vals)
+
+    def _memory_plan(self, grid: tuple[int, int, int], mini: int | str | None):
+        """:func:`vicl_fast.apsp.plan_inference_memory` for one model grid, or InsufficientMemoryError."""
+        import torch
+
         from vicl_fast.apsp import plan_inference_memory
 
         L, B = self.n_contexts, max(1, max(len(ch) for ch in self.chunks))
         dev = torch.device(self.device)
-        vox = int(np.prod(self.grid))
+        vox = int(np.prod(grid))
         host = (B * (L + 4) * vox * 4) if dev.type == "cpu" else 0  # per-pass host buffers
-        self.plan = plan_inference_memory(model, self.grid, L, batch=B, l=mini, device=dev, extra_bytes=host)
-        if not self.plan.fits:
-            gtxt = "x".join(str(g) for g in self.grid)
-            if self.plan.max_fit >= 1:
-                raise InsufficientMemoryError(
-                    f"out of memory (estimated): --mini-context {self.plan.l} needs about "
-                    f"{gib(self.plan.need_bytes)} but {gib(self.plan.free_bytes)} is available on {self.device}; "
-                    f"use --mini-context {self.plan.max_fit} (or auto)"
-                )
-            lb = ", --label-batch 1" if B > 1 else ""
+        plan = plan_inference_memory(self.model, grid, L, batch=B, l=mini, device=dev, extra_bytes=host)
+        if plan.fits:
+            return plan
+        gtxt = "x".join(str(g) for g in grid)
+        if plan.max_fit >= 1:
             raise InsufficientMemoryError(
-                f"out of memory (estimated): grid {gtxt} with {L} context(s) and {B} label(s) per pass "
-                f"needs about {gib(self.plan.min_bytes)} even with --mini-context 1, but "
-                f"{gib(self.plan.free_bytes)} is available on {self.device}; use a smaller --grid{lb}, or "
-                + ("--device cpu" if dev.type == "cuda" else "a machine with more memory")
+                f"out of memory (estimated): --mini-context {plan.l} needs about "
+                f"{gib(plan.need_bytes)} at grid {gtxt} but {gib(plan.free_bytes)} is available on {self.device}; "
+                f"use --mini-context {plan.max_fit} (or auto)"
             )
-        self.progress = progress
-        self.seconds = {"read": read_s, "model": model_s}
+        lb = ", --label-batch 1" if B > 1 else ""
+        sc = ", --scales 1" if len(self.scales) > 1 else ""
+        raise InsufficientMemoryError(
+            f"out of memory (estimated): grid {gtxt} with {L} context(s) and {B} label(s) per pass "
+            f"needs about {gib(plan.min_bytes)} even with --mini-context 1, but "
+            f"{gib(plan.free_bytes)} is available on {self.device}; use a smaller --grid{lb}{sc}, or "
+            + ("--device cpu" if dev.type == "cuda" else "a machine with more memory")
+        )
 
     @property
     def stages_per_target(self) -> int:
-        """Network stages per target (target encoder + contexts + decoder, per label chunk)."""
-        return len(self.chunks) * (self.n_contexts + 2)
+        """Network stages per target (target encoder + contexts + decoder, per label chunk and grid)."""
+        return (2 if self.mirror else 1) * len(self._levels) * len(self.chunks) * (self.n_contexts + 2)
 
     def describe_model(self) -> str:
         """One line: which model, what it was trained on, its grid."""
@@ -618,8 +678,11 @@ class Predictor:
         sp = t.get("spacing", "?")
         sp = f"{sp[0]:g}" if isinstance(sp, list) and len(set(sp)) == 1 else sp
         expects = f"; expects {t['expects']}" if t.get("expects") else ""
+        multi = ("; segmenting at grids " + " and ".join("x".join(map(str, lv.grid)) for lv in self._levels)
+                 if len(self._levels) > 1 else "")
+        multi += "; averaged with its left-right mirror image" if self.mirror else ""
         return (f"model {src}: {t.get('description', 'Neuroverse3D')}, trained on {t.get('training_data', '?')}, "
-                f"grid {g} at {sp} mm{expects}")
+                f"grid {g} at {sp} mm{multi}{expects}")
 
     def predict(self, target: VolumeLike, *, threshold: float = 0.5, output_intensity: str = "unit",
                 what: str = "target", checked: bool = False) -> Prediction:
@@ -631,10 +694,8 @@ class Predictor:
             checked: the caller already ran :func:`vicl_fast.data.io.check_volume_content` on ``target``
                 (the command line checks every target before loading the model).
         """
-        import torch
-
         from vicl_fast.data.io import check_volume_content, make_nifti
-        from vicl_fast.data.preprocess import preprocess_image, to_original
+        from vicl_fast.data.preprocess import labels_to_original, preprocess_image, to_original
 
         if output_intensity not in ("unit", "target"):
             raise UsageError(f"--output-intensity must be 'unit' or 'target', got {output_intensity!r}")
@@ -647,48 +708,21 @@ class Predictor:
         if self.skull_strip == "auto":
             timg, note = self._strip_extra_head(timg, Path(name).name)
             notes += [note] if note else []
-        tv, tm = preprocess_image(timg, spacing=self.spacing, grid=self.grid, crop=self.crop)
-        secs = {"preprocess": time.perf_counter() - t}
+        secs = {"preprocess": time.perf_counter() - t, "model": 0.0}
+        outputs = []  # (probabilities or image (K, *G), mapping) per model grid
+        for lv in self._levels:
+            t = time.perf_counter()
+            tv, tm = preprocess_image(timg, spacing=lv.spacing, grid=lv.grid, crop=self.crop)
+            secs["preprocess"] += time.perf_counter() - t
+            t = time.perf_counter()
+            outputs.append((self._run_model(lv, tv), tm))
+            secs["model"] += time.perf_counter() - t
         t = time.perf_counter()
-        dev = torch.device(self.device)
-        hooks = _progress_hooks(self.model, self.progress) if self.progress else contextlib.nullcontext()
-        probs = []
-        try:
-            with hooks, torch.no_grad():
-                for ch in self.chunks:
-                    Bc = max(1, len(ch))
-                    tt = torch.from_numpy(tv)[None, None].expand(Bc, 1, *self.grid).contiguous().to(dev)
-                    cin = self._ctx_in.expand(Bc, *self._ctx_in.shape[1:])
-                    if self.task == "seg":
-                        co = torch.from_numpy(np.stack([np.stack([(lab == v) for lab in self._ctx_lab]) for v in ch])
-                                              .astype(np.float32))[:, :, None]
-                    else:
-                        co = torch.from_numpy(np.stack(self._ctx_lab))[None, :, None]
-                    y = self.model.predict(tt, cin, co, l=self.plan.l)
-                    probs.append(y[:, 0].float().cpu().numpy())
-                    del y, tt
-        except (MemoryError, RuntimeError) as exc:
-            if not is_oom(exc):
-                raise
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            gtxt = "x".join(str(g) for g in self.grid)
-            alt = "--device cpu" if dev.type == "cuda" else "a machine with more memory"
-            raise InsufficientMemoryError(
-                f"out of memory on {self.device} while running (grid {gtxt}, {self.n_contexts} context(s), "
-                f"mini-context {self.plan.l}, {max(1, max(len(c) for c in self.chunks))} label(s) per pass; "
-                f"estimated {gib(self.plan.need_bytes)}, {gib(self.plan.free_bytes)} available): try "
-                f"--mini-context 1, a smaller --grid, or {alt}"
-            ) from None
-        secs["model"] = time.perf_counter() - t
-        t = time.perf_counter()
-        pred = np.concatenate(probs, axis=0)  # (K, *G)
+        pred, tm = outputs[0]
         frac = None
         if self.task == "seg":
-            best = pred.argmax(0)
-            grid_map = np.where(pred.max(0) > threshold, np.asarray(self.labels)[best], 0)
-            dtype = np.uint8 if max(self.labels) <= 255 else np.uint16
-            out = to_original(grid_map.astype(dtype), tm, kind="label")
+            out = labels_to_original(outputs, self.labels, threshold)
+            dtype = out.dtype
             frac = float(np.count_nonzero(out)) / out.size
             short = Path(name).name
             if frac == 0:
@@ -706,6 +740,46 @@ class Predictor:
         result = make_nifti(out, timg.affine, header=timg.header, dtype=dtype)
         secs["postprocess"] = time.perf_counter() - t
         return Prediction(result, pred, frac, notes, {k: round(v, 4) for k, v in secs.items()})
+
+    def _run_model(self, lv: _Level, tv: np.ndarray) -> np.ndarray:
+        """The model on one grid: target ``tv`` (*G) and the level's contexts -> (K, *G) float32
+        (K = labels for seg, 1 for gen), label chunk by label chunk; OOM as InsufficientMemoryError."""
+        import torch
+
+        dev = torch.device(self.device)
+        hooks = _progress_hooks(self.model, self.progress) if self.progress else contextlib.nullcontext()
+        probs = []
+        try:
+            with hooks, torch.no_grad():
+                for ch in self.chunks:
+                    Bc = max(1, len(ch))
+                    tt = torch.from_numpy(tv)[None, None].expand(Bc, 1, *lv.grid).contiguous().to(dev)
+                    cin = lv.ctx_in.expand(Bc, *lv.ctx_in.shape[1:])
+                    if self.task == "seg":
+                        co = torch.from_numpy(np.stack([np.stack([(lab == v) for lab in lv.ctx_lab]) for v in ch])
+                                              .astype(np.float32))[:, :, None]
+                    else:
+                        co = torch.from_numpy(np.stack(lv.ctx_lab))[None, :, None]
+                    y = self.model.predict(tt, cin, co, l=lv.plan.l)
+                    if self.mirror:  # (B, 1, D, H, W) and (B, L, 1, D, H, W): D is the R-L axis
+                        y = (y + self.model.predict(tt.flip(2), cin.flip(3), co.flip(3), l=lv.plan.l).flip(2)) / 2
+                    probs.append(y[:, 0].float().cpu().numpy())
+                    del y, tt
+        except (MemoryError, RuntimeError) as exc:
+            if not is_oom(exc):
+                raise
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            gtxt = "x".join(str(g) for g in lv.grid)
+            alt = "--device cpu" if dev.type == "cuda" else "a machine with more memory"
+            sc = ", --scales 1" if len(self._levels) > 1 else ""
+            raise InsufficientMemoryError(
+                f"out of memory on {self.device} while running (grid {gtxt}, {self.n_contexts} context(s), "
+                f"mini-context {lv.plan.l}, {max(1, max(len(c) for c in self.chunks))} label(s) per pass; "
+                f"estimated {gib(lv.plan.need_bytes)}, {gib(lv.plan.free_bytes)} available): try "
+                f"--mini-context 1, a smaller --grid{sc}, or {alt}"
+            ) from None
+        return np.concatenate(probs, axis=0)
 
     def _strip_extra_head(self, timg: nib.Nifti1Image, short: str) -> tuple[nib.Nifti1Image, str | None]:
         """The target with only its brain kept when it shows much more head than the contexts

@@ -22,7 +22,9 @@ What it does, honestly:
 3. **Tasks** (task synthesis of :mod:`vicl_fast.data.tasks3d`, as in training): segmentation of white
    matter, deep grey matter (caudate, putamen, pallidum, thalamus from the AAL atlas), hippocampus and
    cerebellum; Gaussian denoising (sigma 0.2) and bias-field correction. Every prediction goes through
-   the Python API :class:`vicl_fast.inference.Predictor` (the path of ``vicl-fast predict``). Per task:
+   the Python API :class:`vicl_fast.inference.Predictor` (the path of ``vicl-fast predict``), at the
+   model's grid and scales (its metadata), on volumes at the embedded data's own 96^3 grid (2.25 mm;
+   ``--quick``: the model's grid), where every metric is computed. Per task:
    a showcase (context draw 0, L = 4) whose target, context pairs, reference and prediction are
    written as NIfTI with PNG previews; then ``--draws`` random context draws (default 5) from a pool of
    12 warped icbm152 copies for L = 4 (``--full-protocol``: L in {1, 4, 8}), reporting mean and std of
@@ -51,6 +53,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from vicl_fast.data.demo_data import STORED_GRID
 from vicl_fast.errors import ViclFastError
 from vicl_fast.evaluation import (
     CONTEXT_POOL, CONTEXT_SEED, DEMO_TASKS, FULL_PROTOCOL_L, N_CONTEXTS, N_DRAWS, check_targets, context_pool,
@@ -121,7 +124,10 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
     _say("[1/3] model")
     ckpt, info = train_or_load(recipe, dev, cache, retrain=retrain, allow_shipped=not quick and not custom,
                                max_train_minutes=max_train_minutes)
-    grid = int(info.get("grid", recipe.grid))
+    grid = int(info.get("grid", recipe.grid))  # the model's
+    # Targets, contexts and metrics at the embedded data's own resolution (the model's output goes back to
+    # it as `vicl-fast predict` writes it back onto a scan's grid); --quick stays on its small grid.
+    data_grid = grid if quick else STORED_GRID
     if export is not None:
         _say(f"  exported the weights in bfloat16 to {export_bf16(ckpt, Path(export), info)}")
 
@@ -130,11 +136,12 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
     Ls = tuple(Ls) if Ls else ((N_CONTEXTS,) if not full_protocol else FULL_PROTOCOL_L)
     draws = int(draws if draws is not None else (2 if quick else N_DRAWS))
     _say(f"[2/3] predicting {len(DEMO_TASKS)} tasks through vicl_fast.inference (the path of `vicl-fast "
-         f"predict`) at {grid}^3 ({FOV_MM / grid:.2f} mm): {draws} random context draws for L in "
+         f"predict`) with the model at {grid}^3 ({FOV_MM / grid:.2f} mm), scored at {data_grid}^3 "
+         f"({FOV_MM / data_grid:.2f} mm): {draws} random context draws for L in "
          f"{{{', '.join(map(str, Ls))}}} from {CONTEXT_POOL} warped icbm152 copies")
     model = load_model(ckpt, dev)
-    target = demo_target(grid)
-    pool = context_pool(grid, max(CONTEXT_POOL, max(Ls)))
+    target = demo_target(data_grid)
+    pool = context_pool(data_grid, max(CONTEXT_POOL, max(Ls)))
     rows = []
     for i, task in enumerate(DEMO_TASKS):
         r = showcase(task, model, target, pool, grid, dev, out, seed=100 + i)
@@ -170,7 +177,8 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
     ]
     summary = {
         "quick": quick, "device": dev, "torch": torch.__version__, "grid": grid,
-        "spacing_mm": FOV_MM / grid, "target": "colin27 (skull-stripped with its brain mask)",
+        "spacing_mm": FOV_MM / grid, "scored_grid": data_grid,
+        "segmentation_scales": list((model.preprocessing or {}).get("segmentation_scales") or [1.0]), "target": "colin27 (skull-stripped with its brain mask)",
         "contexts": [s.name for s in pool[:N_CONTEXTS]], "context_pool": [s.name for s in pool],
         "draws": draws, "L": list(Ls), "model": info, "tasks": rows, "targets": targets,
         "figure": str(fig.relative_to(out)), "notes": [n for n in notes if n],
@@ -192,7 +200,8 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
     with atomic_write(out / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     md = [f"# vicl_fast main job{' (quick)' if quick else ''}", "",
-          f"Model: {info['source']} `{Path(info['path']).name}` ({info.get('trained_on', '')}, grid {grid}^3, "
+          f"Model: {info['source']} `{Path(info['path']).name}` ({info.get('trained_on', '')}, grid {grid}^3 scored at "
+          f"{data_grid}^3, segmentation scales {summary['segmentation_scales']}, "
           f"{info.get('steps', '?')} steps, {info.get('train_seconds', '?')} s training on "
           f"{info.get('device', '?')}{'; PARTIAL: stopped at the --max-train-minutes limit' if info.get('partial') else ''}"
           f"). Device: {dev}. Target: colin27; contexts: L of "

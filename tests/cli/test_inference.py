@@ -20,6 +20,7 @@ import nibabel as nib
 
 from vicl_fast import errors, inference
 from vicl_fast.checkpoint import PREPROCESSING_KEY, read_preprocessing, save_checkpoint
+from vicl_fast.data.preprocess import labels_to_original, preprocess_image
 from vicl_fast.cli import main
 from vicl_fast.inference import Predictor, predict_volume
 from vicl_fast.models import create_model
@@ -136,6 +137,86 @@ def test_default_grid_comes_from_the_checkpoint_metadata(env, monkeypatch):
     assert q.grid == (inference.DEFAULT_GRID,) * 3 and q.spacing == inference.DEFAULT_SPACING
 
 
+def test_multiscale_segmentation_is_the_mean_of_single_grid_predictions(env, tmp_path):
+    """scales=(1, 1.5) must equal two single-grid predictions (32^3 at 2.5 mm, 48^3 at 5/3 mm: one field of
+    view) whose probabilities are averaged on the target's grid; the CLI's --scales gives the same."""
+    d, pairs = env
+    model, target = d / "plain.safetensors", d / "target.nii.gz"
+    multi = Predictor(pairs, "seg", model, scales=(1, 1.5), **OPTS)
+    assert [lv.grid for lv in multi._levels] == [(32, 32, 32), (48, 48, 48)]
+    assert multi.stages_per_target == 2 * (len(pairs) + 2)
+    single = []
+    for grid, spacing in ((32, 2.5), (48, 2.5 * 32 / 48)):
+        p = Predictor(pairs, "seg", model, grid=grid, spacing=spacing, device="cpu", log=lambda m: None)
+        probs = p.predict(target).grid_output
+        _, mapping = preprocess_image(nib.load(str(target)), spacing=spacing, grid=grid, crop=True)
+        single.append((probs, mapping))
+    grid_mean = (single[0][0].mean() + single[1][0].mean()) / 2  # a random model's outputs sit near one value
+    expected = labels_to_original(single, [1], threshold=float(grid_mean))
+    assert set(np.unique(expected).tolist()) == {0, 1}
+    got = multi.predict(target, threshold=float(grid_mean))
+    np.testing.assert_array_equal(np.asarray(got.image.dataobj), expected)
+    np.testing.assert_array_equal(got.grid_output, single[0][0])  # the first grid's output
+    out = tmp_path / "multi.nii.gz"
+    ctx = [x for a, b in pairs for x in ("--context", str(a), str(b))]
+    rc = main(["predict", "--target", str(target), *ctx, "--model", str(model), "--out", str(out), "--grid", "32",
+               "--spacing", "2.5", "--scales", "1", "1.5", "--device", "cpu", "-q", "--threshold", repr(float(grid_mean))])
+    assert rc == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), expected)
+    for bad in (["--scales", "9"], ["--mirror", "maybe"]):
+        assert main(["predict", "--target", str(target), *ctx, "--model", str(model), "--out",
+                     str(tmp_path / "x.nii.gz"), *bad, "--device", "cpu", "-q"]) == 2, bad
+
+
+@pytest.mark.parametrize("task", ["seg", "gen"])
+def test_mirror_averages_the_prediction_of_the_left_right_mirrored_inputs(env, task):
+    """mirror=True must equal the mean of the plain prediction and the (mirrored back) prediction of inputs
+    mirrored along their first voxel axis, R-L for these RAS-stored volumes (whole field of view, so the
+    model grid is symmetric about its centre)."""
+    d, pairs = env
+    model = inference.load_model(d / "plain.safetensors")
+    opts = {**OPTS, "crop": False}
+    # Even sizes at the model's spacing: the grid's placement is then exactly symmetric under the mirror.
+    cases = [_case(shape, (2.5, 2.5, 2.5), seed) for shape, seed in (((20, 24, 18), 1), ((22, 20, 16), 2),
+                                                                      ((18, 22, 20), 3))]
+
+    def flipped(img, flip):
+        data = np.asarray(img.dataobj)
+        return nib.Nifti1Image(np.ascontiguousarray(data[::-1]) if flip else data, img.affine)
+
+    def run(flip, mirror):
+        ctx = [(flipped(a, flip), flipped(a if task == "gen" else b, flip)) for a, b in cases[:2]]
+        p = Predictor(ctx, task, model, mirror=mirror, **opts)
+        return p, p.predict(flipped(cases[2][0], flip)).grid_output
+
+    both, got = run(False, True)
+    _, plain = run(False, False)
+    _, mirrored = run(True, False)
+    assert both.stages_per_target == 2 * (2 + 2)
+    assert np.abs(plain - mirrored[:, ::-1]).max() > 1e-4  # a random model is not symmetric: a real test
+    np.testing.assert_allclose(got, (plain + mirrored[:, ::-1]) / 2, atol=1e-5)
+
+
+def test_scales_and_mirror_come_from_the_checkpoint_metadata(env, tmp_path):
+    d, pairs = env
+    torch.manual_seed(0)
+    meta = {"grid": [16, 16, 16], "spacing": [3.0, 3.0, 3.0], "crop": True, "segmentation_scales": [1.0, 1.5],
+            "mirror_tta": True}
+    ckpt = tmp_path / "scales.safetensors"
+    save_checkpoint(create_model("neuroverse3d_tiny"), ckpt, extra_metadata={PREPROCESSING_KEY: json.dumps(meta)})
+    seg = Predictor(pairs, "seg", ckpt, device="cpu")
+    assert seg.scales == (1.0, 1.5) and [lv.grid for lv in seg._levels] == [(16, 16, 16), (32, 32, 32)]
+    assert [lv.spacing for lv in seg._levels] == [(3.0, 3.0, 3.0), 1.5]
+    assert "segmenting at grids 16x16x16 and 32x32x32" in seg.describe_model()
+    assert seg.mirror and "mirror image" in seg.describe_model()
+    assert seg.stages_per_target == 2 * 2 * (len(pairs) + 2)  # two grids, each also mirrored
+    assert not Predictor(pairs, "seg", ckpt, device="cpu", mirror=False).mirror
+    assert not Predictor(pairs, "seg", d / "with_meta.safetensors", device="cpu").mirror  # no such metadata
+    gen = Predictor(pairs, "gen", ckpt, device="cpu")  # a mean over grids would blur a generated image
+    assert gen.scales == (1.0,) and len(gen._levels) == 1
+    assert Predictor(pairs, "seg", ckpt, device="cpu", scales=[1]).scales == (1.0,)  # the caller's choice wins
+
+
 def test_overriding_the_trained_resolution_warns(env):
     d, pairs = env
     notes = []
@@ -174,6 +255,8 @@ def test_loaded_model_object_is_accepted(env):
     ({"labels": "0"}, errors.UsageError, "positive integers"),
     ({"device": "tpu"}, errors.UsageError, "not a device name"),
     ({"skull_strip": "yes"}, errors.UsageError, "--skull-strip"),
+    ({"scales": [1, 0]}, errors.UsageError, "--scales takes grid scales"),
+    ({"task": "gen", "scales": [1, 1.5]}, errors.UsageError, "--scales applies to --task seg only"),
 ])
 def test_bad_arguments_are_usage_errors(env, kwargs, cls, text):
     d, pairs = env

@@ -40,6 +40,9 @@ def test_shipped_checkpoint_is_its_recipe_on_this_data():
     meta = read_preprocessing(SHIPPED)
     assert meta["recipe"] == json.loads(json.dumps(demo_recipe.recipe_doc(recipe)))  # tuples as JSON lists
     assert meta["recipe_hash"] == demo_recipe.recipe_key(recipe)  # also fails if the data or its code changed
+    # How it predicts (not part of the key): at its grid only, averaged with the left-right mirror image.
+    assert meta["segmentation_scales"] == list(recipe.segmentation_scales) == [1.0]
+    assert meta["mirror_tta"] is recipe.mirror_tta is True
 
 
 def test_shipped_model_is_the_default_and_beats_copy_the_prompt_on_white_matter():

@@ -25,6 +25,7 @@ from vicl_fast.data.io import (
 from vicl_fast.data.metrics import dice
 from vicl_fast.data.preprocess import (
     check_grid,
+    labels_to_original,
     normalize_intensity,
     plan_grid,
     preprocess_image,
@@ -112,6 +113,81 @@ def test_crop_to_foreground_keeps_resolution():
     box = np.zeros(shape, bool)
     box[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1] = True
     np.testing.assert_array_equal(ones.astype(bool), box)
+
+
+def _linear_on_grid(m, a: np.ndarray, b: float) -> np.ndarray:
+    """``a . w + b`` at the world position w of every model-grid voxel of mapping ``m``."""
+    return (_world(m.grid_affine, m.grid_shape) @ a + b).astype(np.float32)
+
+
+def _interior(m, shape, rim: int = 10) -> np.ndarray:
+    """Original voxels whose model-grid coordinates lie at least ``rim`` voxels inside the grid: there a
+    cubic B-spline reproduces a linear function exactly (its edge handling decays as 0.27^distance)."""
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+    u = ijk @ m.inverse_map[:3, :3].T + m.inverse_map[:3, 3]
+    return np.all((u >= rim) & (u <= np.asarray(m.grid_shape) - 1 - rim), axis=1).reshape(shape)
+
+
+def test_labels_to_original_puts_borders_between_model_voxels():
+    """A probability linear in world coordinates is reproduced exactly by the cubic B-spline resampling, so
+    the label border must lie where that plane crosses the threshold, not on the coarse grid's voxel steps."""
+    A = _oblique_affine()
+    shape = (40, 50, 30)
+    img, _ = _phantom(A, shape)
+    _, m = preprocess_image(nib.Nifti1Image(img, A), spacing=2.0, grid=48, crop=False)
+    a = np.array([0.6, -0.3, 0.74]) / 60.0
+    centre = (A @ np.r_[(np.asarray(shape) - 1) / 2.0, 1.0])[:3]
+    b = 0.5 - float(centre @ a)
+    probs = _linear_on_grid(m, a, b)[None]
+    out = labels_to_original([(probs, m)], [1], threshold=0.5)
+    exact = _world(A, shape) @ a + b
+    sure = _interior(m, shape) & (np.abs(exact - 0.5) > 1e-4)
+    assert sure.sum() > 0.2 * out.size and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[sure], (exact[sure] > 0.5).astype(np.uint8))
+    # The old way (nearest neighbour on the model grid's label map) snaps the border to model voxels.
+    snapped = to_original((probs[0] > 0.5).astype(np.uint8), m, kind="label")
+    assert (snapped[sure] != out[sure]).sum() > 100
+
+
+def test_labels_to_original_averages_scales_and_picks_the_most_probable_label():
+    A = _oblique_affine()
+    shape = (40, 50, 30)
+    img, _ = _phantom(A, shape)
+    im = nib.Nifti1Image(img, A)
+    _, m1 = preprocess_image(im, spacing=2.0, grid=48, crop=False)
+    _, m2 = preprocess_image(im, spacing=1.5, grid=64, crop=False)  # the same field of view, 4/3 finer
+    centre = (A @ np.r_[(np.asarray(shape) - 1) / 2.0, 1.0])[:3]
+    planes = {  # label -> (a, b) on grid 1, (a, b) on grid 2: a . (w - centre) + b
+        3: ((np.array([1.0, 0.2, 0.0]) / 50, 0.5), (np.array([0.6, -0.4, 0.3]) / 50, 0.4)),
+        300: ((np.array([-0.5, 0.8, 0.1]) / 50, 0.45), (np.array([0.0, 0.3, -0.9]) / 50, 0.55)),
+    }
+    planes = {k: tuple((a, b - float(centre @ a)) for a, b in v) for k, v in planes.items()}
+    outputs = [(np.stack([_linear_on_grid(m, *planes[k][i]) for k in (3, 300)]), m) for i, m in enumerate((m1, m2))]
+    out = labels_to_original(outputs, [3, 300], threshold=0.45)
+    w = _world(A, shape)
+    mean = np.stack([sum(w @ a + b for a, b in planes[k]) / 2 for k in (3, 300)])
+    expected = np.where(mean.max(0) > 0.45, np.array([3, 300])[mean.argmax(0)], 0)
+    sure = (_interior(m1, shape) & _interior(m2, shape) & (np.abs(mean.max(0) - 0.45) > 1e-4)
+            & (np.abs(mean[0] - mean[1]) > 1e-4))
+    assert out.dtype == np.uint16 and sure.sum() > 0.2 * out.size
+    assert {0, 3, 300} <= set(np.unique(expected[sure]).tolist())
+    np.testing.assert_array_equal(out[sure], expected[sure])
+    with pytest.raises(ValueError, match="different shapes"):
+        _, other = preprocess_image(nib.Nifti1Image(img[:30], A), spacing=1.5, grid=64, crop=False)
+        labels_to_original([(outputs[0][0], m1), (outputs[1][0], other)], [3, 300])
+
+
+def test_labels_to_original_predicts_nothing_outside_the_fitted_box():
+    A = np.eye(4)
+    shape = (90, 80, 70)
+    r = np.linalg.norm(np.indices(shape) - np.array([40.0, 45.0, 30.0])[:, None, None, None], axis=0)
+    img = np.where(r < 18, 50.0 + 30.0 * np.cos(r / 3.0), 0.0).astype(np.float32)
+    _, m = preprocess_image(nib.Nifti1Image(img, A), spacing=1.0, grid=48)
+    out = labels_to_original([(np.full((1, 48, 48, 48), 0.2, np.float32), m)], [5], threshold=-1.0)
+    lo, hi = m.box
+    box = np.zeros(shape, bool)
+    box[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1] = True
+    np.testing.assert_array_equal(out, np.where(box, 5, 0))
 
 
 def test_written_output_has_original_grid_and_header(tmp_path):

@@ -84,6 +84,23 @@ def _gauss_kernel(sigma: float, truncate: float, dtype: torch.dtype, device: tor
 
 def _filter_valid(x: torch.Tensor, k: torch.Tensor, nd: int) -> torch.Tensor:
     """Separable 'valid' Gaussian filter over the last ``nd`` dims of x (N, 1, *S)."""
+    if x.device.type == "cpu" and x.dtype == torch.float64:
+        # SciPy's 1D correlation: the same float64 sums as conv3d's (to 1e-15), ~4x faster on a CPU, where
+        # PyTorch has no fast float64 convolution (the 5 maps of one 96^3 SSIM: 0.14-0.20 s vs 0.66-0.71 s).
+        # One map per thread (SciPy releases the GIL).
+        from scipy.ndimage import correlate1d
+
+        from vicl_fast._threads import thread_map
+
+        r, w = k.numel() // 2, k.numpy()
+
+        def one(a: np.ndarray) -> np.ndarray:  # (1, *S) -> (1, *S - 2r)
+            for axis in range(a.ndim - nd, a.ndim):
+                a = correlate1d(a, w, axis=axis, mode="constant")
+                a = a[(slice(None),) * axis + (slice(r, a.shape[axis] - r),)]
+            return a
+
+        return torch.from_numpy(np.ascontiguousarray(np.stack(thread_map(one, list(x.numpy())))))
     conv = F.conv3d if nd == 3 else F.conv2d
     for axis in range(nd):
         shape = [1, 1] + [1] * nd

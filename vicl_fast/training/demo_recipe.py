@@ -73,6 +73,10 @@ class Recipe:
     init_from: str | None = None
     init_widen: bool = False  # init_from has fewer channels: widened to ``channels`` (same function)
     init_freeze: bool = False  # with init_widen: only the added channels' weights learn
+    # Inference, not training (so not part of the recipe's key): the checkpoint's metadata that
+    # :class:`vicl_fast.inference.Predictor` predicts with by default (its ``scales`` and ``mirror``).
+    segmentation_scales: tuple[float, ...] = (1.0,)
+    mirror_tta: bool = False  # average each prediction with that of the left-right mirror image
 
     @property
     def spacing(self) -> float:
@@ -115,6 +119,8 @@ def recipe_doc(recipe: Recipe) -> dict[str, Any]:
     for k in ("init_widen", "init_freeze"):  # fields added later: absent when off, so older keys stay valid
         if not doc[k]:
             del doc[k]
+    for k in ("segmentation_scales", "mirror_tta"):  # how the weights are used, not how they were made
+        del doc[k]
     if recipe.init_from is not None:
         f = Path(recipe.init_from)
         if not f.is_file():
@@ -168,6 +174,8 @@ def preprocessing_metadata(recipe: Recipe, key: str) -> dict[str, Any]:
         "grid": [recipe.grid] * 3,
         "spacing": [round(recipe.spacing, 6)] * 3,
         "crop": True,  # real scans: fit the head's bounding box (the training heads fill the field of view)
+        "segmentation_scales": [float(v) for v in recipe.segmentation_scales],
+        "mirror_tta": bool(recipe.mirror_tta),
         "intensity": "percentiles 0.02 / 0.98 -> [0, 1], clipped",
         "expects": "brain-extracted (skull-stripped) T1-weighted MRI, like its training head",
         "description": f"Neuroverse3D ({recipe.model}, {ch}) trained by vicl_fast's trainer",
