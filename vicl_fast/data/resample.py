@@ -1,4 +1,4 @@
-"""Every grid-to-grid resampling of the package: images linear, labels nearest, 2D and 3D alike.
+"""Every grid-to-grid resampling of the package: images linear, labels nearest, probabilities cubic; 2D and 3D.
 
 Two operations, because callers need two different geometries:
 
