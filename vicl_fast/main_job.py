@@ -178,7 +178,8 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
     summary = {
         "quick": quick, "device": dev, "torch": torch.__version__, "grid": grid,
         "spacing_mm": FOV_MM / grid, "scored_grid": data_grid,
-        "segmentation_scales": list((model.preprocessing or {}).get("segmentation_scales") or [1.0]), "target": "colin27 (skull-stripped with its brain mask)",
+        "segmentation_scales": list((model.preprocessing or {}).get("segmentation_scales") or [1.0]),
+        "mirror_tta": bool((model.preprocessing or {}).get("mirror_tta", False)), "target": "colin27 (skull-stripped with its brain mask)",
         "contexts": [s.name for s in pool[:N_CONTEXTS]], "context_pool": [s.name for s in pool],
         "draws": draws, "L": list(Ls), "model": info, "tasks": rows, "targets": targets,
         "figure": str(fig.relative_to(out)), "notes": [n for n in notes if n],
@@ -201,7 +202,8 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
         Path(tmp).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     md = [f"# vicl_fast main job{' (quick)' if quick else ''}", "",
           f"Model: {info['source']} `{Path(info['path']).name}` ({info.get('trained_on', '')}, grid {grid}^3 scored at "
-          f"{data_grid}^3, segmentation scales {summary['segmentation_scales']}, "
+          f"{data_grid}^3, segmentation scales {summary['segmentation_scales']}"
+          f"{', averaged with its left-right mirror image' if summary['mirror_tta'] else ''}, "
           f"{info.get('steps', '?')} steps, {info.get('train_seconds', '?')} s training on "
           f"{info.get('device', '?')}{'; PARTIAL: stopped at the --max-train-minutes limit' if info.get('partial') else ''}"
           f"). Device: {dev}. Target: colin27; contexts: L of "
