@@ -13,9 +13,9 @@ Usage (segmentation of one scan from two labelled examples)::
 Inputs are NIfTI files; a folder holding one DICOM series is read too when
 ``pydicom`` is installed (``pip install pydicom``; see :mod:`vicl_fast.data.io`).
 Every output lands on the target's own voxel grid with its affine and header
-(images linearly; label maps from each label's linearly resampled probability). All inputs are read and checked
-before the model runs; a blank (constant) scan is refused rather than given an
-invented result, and an empty segmentation, or one covering nearly the whole
+(images linearly; a label map from each label's probability resampled by a
+cubic B-spline). All inputs are read and checked before the model runs; a
+blank (constant) scan is refused rather than given an invented result, and an empty segmentation, or one covering nearly the whole
 field of view, is reported as a ``vicl-fast: warning:`` line.
 
 Outputs (NIfTI and PNG previews of every target) are written to hidden staging
@@ -500,7 +500,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--scales", type=float, nargs="+", default=None, metavar="S",
         help="seg: also predict on grids S times finer over the same field of view and average each label's "
-        "probability (e.g. 1 1.25); default: the checkpoint's (the shipped model: 1 1.25), else 1",
+        "probability (e.g. 1 1.25); default: the checkpoint's (the shipped model: 1), else 1",
     )
     p.add_argument(
         "--mirror", choices=("yes", "no"), default=None,

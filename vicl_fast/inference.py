@@ -18,8 +18,8 @@ Pipeline: each volume is reoriented, resampled to the model's spacing and fitted
 (:mod:`vicl_fast.data.preprocess`; by default the grid, spacing and cropping the checkpoint was
 trained with, from its metadata), intensities normalised on their 2 / 98 percentiles; the model
 runs with APSP mini-contexts sized from a memory estimate (:func:`vicl_fast.apsp.plan_inference_memory`);
-the output goes back onto the target's grid (linearly: images, and each label's probability before
-the label map is drawn, :func:`vicl_fast.data.preprocess.labels_to_original`).
+the output goes back onto the target's grid (images linearly; each label's probability by a cubic
+B-spline before the label map is drawn, :func:`vicl_fast.data.preprocess.labels_to_original`).
 
 :class:`Predictor` keeps the model and the preprocessed contexts for many targets (the command
 line's batch mode); :func:`predict_volume` is the one-call form.
@@ -583,11 +583,13 @@ class Predictor:
 
         self.scales = self._resolve_scales(scales, trained)
         self.mirror = bool(trained.get("mirror_tta", False)) if mirror is None else bool(mirror)
-        images = [c.image for c in ctx]
+        # Voxels read once, for the head volume and every grid's preprocessing (a file-backed image would
+        # decompress its file again each time).
+        images = thread_map(_in_memory, [c.image for c in ctx])
+        labels = thread_map(_in_memory, [c.label for c in ctx])
         if skull_strip == "auto":
             from vicl_fast.data.skull_strip import head_volume_ml
 
-            images = thread_map(_in_memory, images)  # read once for the head volume and every grid's preprocessing
             self._context_head_ml = thread_map(lambda im: head_volume_ml(np.asanyarray(im.dataobj), im.affine), images)
         chunk = len(self.labels) if label_batch == 0 else max(1, int(label_batch))
         self.chunks = [self.labels[i:i + chunk] for i in range(0, len(self.labels), chunk)] if self.labels else [[]]
@@ -597,14 +599,14 @@ class Predictor:
             if any(lv.grid == g for lv in self._levels):
                 continue  # two scales rounding to one grid: the same prediction twice
 
-            def on_grid(pair: tuple[_Context, nib.Nifti1Image]) -> tuple[np.ndarray, np.ndarray]:
-                c, image = pair
+            def on_grid(pair: tuple[nib.Nifti1Image, nib.Nifti1Image]) -> tuple[np.ndarray, np.ndarray]:
+                image, label = pair
                 v, m = preprocess_image(image, spacing=sp, grid=g, crop=self.crop)
                 if task == "seg":
-                    return v, preprocess_label(c.label, mapping=m)[0]
-                return v, preprocess_image(c.label, mapping=m)[0]  # same geometry as its image
+                    return v, preprocess_label(label, mapping=m)[0]
+                return v, preprocess_image(label, mapping=m)[0]  # same geometry as its image
 
-            ctx_in, ctx_lab = (list(x) for x in zip(*thread_map(on_grid, list(zip(ctx, images)))))
+            ctx_in, ctx_lab = (list(x) for x in zip(*thread_map(on_grid, list(zip(images, labels)))))
             if task == "seg":
                 for ci, lab in enumerate(ctx_lab, start=1):
                     for v in self.labels:
@@ -705,6 +707,7 @@ class Predictor:
         if not checked:
             check_volume_content(timg, what, name)
         notes: list[str] = []
+        timg = _in_memory(timg)  # read once for the skull check and every grid's preprocessing
         if self.skull_strip == "auto":
             timg, note = self._strip_extra_head(timg, Path(name).name)
             notes += [note] if note else []
@@ -782,11 +785,10 @@ class Predictor:
         return np.concatenate(probs, axis=0)
 
     def _strip_extra_head(self, timg: nib.Nifti1Image, short: str) -> tuple[nib.Nifti1Image, str | None]:
-        """The target with only its brain kept when it shows much more head than the contexts
+        """The target (in memory: :func:`_in_memory`) with only its brain kept when it shows much more head than the contexts
         (:func:`vicl_fast.data.skull_strip.has_extra_head`), and a note saying so; else unchanged."""
         from vicl_fast.data.skull_strip import VOLUME_SLACK, brain_mask, has_extra_head, head_volume_ml
 
-        timg = _in_memory(timg)  # read once for the check and the preprocessing
         data = np.asanyarray(timg.dataobj)
         data = data.reshape(data.shape[:3])
         target_ml = head_volume_ml(data, timg.affine)

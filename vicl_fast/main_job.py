@@ -140,6 +140,7 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
          f"({FOV_MM / data_grid:.2f} mm): {draws} random context draws for L in "
          f"{{{', '.join(map(str, Ls))}}} from {CONTEXT_POOL} warped icbm152 copies")
     model = load_model(ckpt, dev)
+    trained = model.preprocessing or {}  # how the Predictor runs it by default (scales, mirror)
     target = demo_target(data_grid)
     pool = context_pool(data_grid, max(CONTEXT_POOL, max(Ls)))
     rows = []
@@ -178,8 +179,9 @@ def run(out: Path, *, quick: bool = False, device: str = "auto", retrain: bool =
     summary = {
         "quick": quick, "device": dev, "torch": torch.__version__, "grid": grid,
         "spacing_mm": FOV_MM / grid, "scored_grid": data_grid,
-        "segmentation_scales": list((model.preprocessing or {}).get("segmentation_scales") or [1.0]),
-        "mirror_tta": bool((model.preprocessing or {}).get("mirror_tta", False)), "target": "colin27 (skull-stripped with its brain mask)",
+        "segmentation_scales": list(trained.get("segmentation_scales") or [1.0]),
+        "mirror_tta": bool(trained.get("mirror_tta", False)),
+        "target": "colin27 (skull-stripped with its brain mask)",
         "contexts": [s.name for s in pool[:N_CONTEXTS]], "context_pool": [s.name for s in pool],
         "draws": draws, "L": list(Ls), "model": info, "tasks": rows, "targets": targets,
         "figure": str(fig.relative_to(out)), "notes": [n for n in notes if n],

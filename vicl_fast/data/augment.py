@@ -150,13 +150,13 @@ def elastic_displacement(
 def _bspline_upsample(coarse: np.ndarray, shape: Sequence[int], control_points: int) -> np.ndarray:
     """``ndimage.zoom(coarse, order=3, mode="nearest", grid_mode=True, prefilter=False)`` to ``shape``,
     computed separably: each axis's 1-D zoom of the unit vectors is its interpolation matrix."""
-    out = coarse
-    for axis, size in enumerate(shape):
-        unit = np.eye(control_points)
-        W = np.stack([ndimage.zoom(e, size / control_points, order=3, mode="nearest", grid_mode=True,
-                                   prefilter=False)[:size] for e in unit], axis=1)  # (size, control_points)
-        out = np.moveaxis(np.tensordot(W, out, axes=(1, axis)), 0, axis)
-    return out
+    from vicl_fast.data.resample import axis_matrix, separable_apply
+
+    def zoom_to(size: int):
+        return lambda e: ndimage.zoom(e, size / control_points, order=3, mode="nearest", grid_mode=True,
+                                      prefilter=False)[:size]
+
+    return separable_apply(coarse, [axis_matrix(zoom_to(size), control_points) for size in shape])
 
 
 def apply_spatial(
